@@ -1,0 +1,104 @@
+"""AdamW as PyTorch defines it, global-norm gradient clipping, and a warm-up / linear-decay schedule.
+
+With g the (clipped) gradient, t the step count from 1, lr the step's learning rate, lambda the weight
+decay (Loshchilov & Hutter 2019, "Decoupled weight decay regularization"):
+
+    p     <- p - lr * lambda * p                 decoupled decay, matrices only (see below)
+    m     <- beta1 m + (1 - beta1) g
+    v     <- beta2 v + (1 - beta2) g^2
+    m_hat =  m / (1 - beta1^t),  v_hat = v / (1 - beta2^t)
+    p     <- p - lr * m_hat / (sqrt(v_hat) + eps)
+
+eps sits outside the square root, as torch.optim.AdamW; TensorFlow's Adam puts it inside an
+un-bias-corrected denominator, which gives larger early steps (RLHF_REFERENCE.md, "Optimiser").
+Weight decay applies to parameters with two or more axes (weights, embeddings), not to biases or
+LayerNorm gains, as nanoGPT does.
+
+Clipping: with n = sqrt(sum of g^2 over every parameter), every gradient is scaled by
+min(1, max_norm / (n + 1e-6)), as torch.nn.utils.clip_grad_norm_.
+
+The state is a plain dict returned to the caller: no hidden state on objects. A gradient that is not
+finite raises ValueError before anything is written, so a bad step never half-applies.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    lr: float = 3e-4  # peak learning rate (the schedule scales it per step)
+    beta1: float = 0.9  # decay of the first-moment (mean) estimate
+    beta2: float = 0.999  # decay of the second-moment (uncentred variance) estimate
+    eps: float = 1e-8  # added to sqrt(v_hat), outside the root (PyTorch placement)
+    weight_decay: float = 0.0  # decoupled decay per unit lr, on parameters with ndim >= 2
+    max_grad_norm: float = 1.0  # global-norm clip; None or inf disables it
+
+    def __post_init__(self):
+        if not (self.lr >= 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0
+                and self.weight_decay >= 0):
+            raise ValueError(f"invalid AdamWConfig {self}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+
+def adamw_init(params):
+    """Zero moments for every parameter; t counts the steps taken."""
+    return {"t": 0, "m": {k: np.zeros_like(p) for k, p in params.items()},
+            "v": {k: np.zeros_like(p) for k, p in params.items()}}
+
+
+def global_norm(grads):
+    """sqrt of the sum of squares of every gradient entry (accumulated in float64)."""
+    return float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in grads.values())))
+
+
+def clip_grads(grads, max_norm):
+    """Scale every gradient by min(1, max_norm / (n + 1e-6)), n the global norm. Returns (grads, n)."""
+    norm = global_norm(grads)
+    if max_norm is None or norm <= max_norm:
+        return grads, norm
+    scale = max_norm / (norm + 1e-6)
+    return {k: g * scale for k, g in grads.items()}, norm
+
+
+def adamw_step(params, grads, state, cfg, lr=None):
+    """One AdamW step, in place on params and state. Returns the gradient norm before clipping.
+
+    lr overrides cfg.lr for this step (the schedule's value). Raises ValueError, changing nothing, when
+    grads do not match params or hold a NaN or inf.
+    """
+    if grads.keys() != params.keys():
+        raise ValueError(f"gradient names differ from parameter names: "
+                         f"{sorted(set(grads) ^ set(params))}")
+    for k, g in grads.items():
+        if g.shape != params[k].shape:
+            raise ValueError(f"gradient {k} has shape {g.shape}, parameter has {params[k].shape}")
+        if not np.all(np.isfinite(g)):
+            raise ValueError(f"gradient {k} is not finite; the step was not applied")
+    lr = cfg.lr if lr is None else lr
+    grads, norm = clip_grads(grads, cfg.max_grad_norm)
+    state["t"] += 1
+    t = state["t"]
+    bc1, bc2 = 1.0 - cfg.beta1 ** t, 1.0 - cfg.beta2 ** t
+    for k, p in params.items():
+        g = grads[k]
+        m, v = state["m"][k], state["v"][k]
+        if cfg.weight_decay and p.ndim >= 2:
+            p -= lr * cfg.weight_decay * p
+        m *= cfg.beta1
+        m += (1 - cfg.beta1) * g
+        v *= cfg.beta2
+        v += (1 - cfg.beta2) * g * g
+        p -= (lr / bc1) * m / (np.sqrt(v / bc2) + cfg.eps)
+    return norm
+
+
+def lr_schedule(step, total_steps, peak_lr, warmup_steps=0):
+    """Learning rate for 0-based `step`: linear warm-up over warmup_steps to peak_lr, then linear decay
+    to 0 at total_steps."""
+    if total_steps <= 0 or not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}")
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    return peak_lr * max(0.0, (total_steps - step) / (total_steps - warmup_steps))
