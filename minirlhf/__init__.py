@@ -6,7 +6,8 @@ Reading order (each module opens with its math):
     transformer   the GPT trunk and LM head, its backward pass, KV-cache generation
     optim         AdamW, gradient clipping, learning-rate schedule
     checkpoint    .npz checkpoints without pickle
-    world         the simulated assistant task, gold score and annotator
+    world         the simulated assistant task and its gold score
+    annotator     the simulated annotator, ranked comparisons, the exact agreement ceiling
     sft           supervised fine-tuning
     reward        the Bradley-Terry reward model
     kl            KL estimators, exact KL, beta controllers, per-token rewards

@@ -1,0 +1,269 @@
+"""The reward model: a transformer trunk with a scalar head, trained on the annotator's rankings.
+
+Model. The SFT model's trunk (transformer.hidden_forward, not a copy) gives final hidden states h (B, T, C);
+the score is read at the EOS token, the last real token of `BOS prompt response EOS`:
+
+    r = h[b, t_eos] . w + b_head          w ~ N(0, 1 / sqrt(C + 1)), b_head = 0 (RLHF_REFERENCE.md)
+
+Backward: dh[b, t_eos] = dr_b w, dw = sum_b dr_b h[b, t_eos], db_head = sum_b dr_b, then the trunk's own
+backward. A response that never emitted EOS is never scored (PPO gives it a fixed score instead).
+
+Loss (Bradley & Terry 1952; Christiano et al. 2017; Stiennon et al. 2020). The annotator prefers y_w to
+y_l with probability sigmoid(u_w - u_l); the reward model models that probability as sigmoid(r_w - r_l)
+and minimises the negative log-likelihood of the labels:
+
+    d = r_chosen - r_rejected - margin
+    L = -log sigmoid(d) = softplus(-d)                   stable for any d: logaddexp(0, -d)
+    dL/dr_chosen = sigmoid(d) - 1,  dL/dr_rejected = 1 - sigmoid(d)
+
+K-way rankings (InstructGPT, Ouyang et al. 2022): every one of the C(K, 2) pairs of one prompt's ranking,
+their losses averaged within the prompt, one prompt one batch element (the K responses share one forward
+pass, and K correlated pairs do not each count as an independent example). With K = 2 it is the pairwise
+loss. Optional terms:
+  - margin (Llama 2, Touvron et al. 2023): subtracted from d, asks for a gap of at least `margin`;
+  - centering (Eisenstein et al. 2023, as TRL's center_rewards_coefficient): + c (r_i + r_j)^2 per pair,
+    with gradient 2 c (r_i + r_j) to both, pulling scores towards mean zero.
+The loss fixes only reward differences, so a constant added to every score changes nothing.
+
+Normalisation: after training a gain g and bias c make the scores of SFT-policy samples mean 0, std 1:
+score = g r + c. Later stages read normalised scores; the fixed score of a no-EOS response (-1) is in
+those units.
+"""
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import expit
+
+from . import transformer as tf
+from .optim import AdamWConfig, adamw_init, adamw_step, lr_schedule
+from .tokenizer import EOS, encode_example, pad_batch
+from .annotator import ceiling_accuracy, prefer_probability, scored_pairs
+
+
+# ---------------------------------------------------------------- the model
+
+def init_reward_params(trunk_params, cfg, rng):
+    """A reward model from a trained trunk (copied, so the SFT model stays as it is) and a fresh head."""
+    params = {k: trunk_params[k].copy() for k in tf.param_shapes(cfg)}
+    dtype = params["wte"].dtype
+    params["head.w"] = (rng.standard_normal(cfg.n_embd) / np.sqrt(cfg.n_embd + 1)).astype(dtype)
+    params["head.b"] = np.zeros((), dtype)
+    return params
+
+
+def encode_responses(prompts, responses):
+    """Texts -> right-padded (tokens, mask) of `BOS prompt response EOS`, ready to be scored."""
+    return pad_batch([encode_example(p, r) for p, r in zip(prompts, responses)], side="right")
+
+
+def last_real_index(mask):
+    """Column of the last 1 of each row of a (B, T) 0/1 mask."""
+    return mask.shape[1] - 1 - np.argmax(mask[:, ::-1] > 0, axis=1)
+
+
+def reward_forward(params, cfg, tokens, mask):
+    """Score of each sequence, read at its last real token, which must be EOS. -> (r (B,), cache).
+
+    Works for right padding and for a left-padded prompt followed by a right-padded response (PPO).
+    """
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    last = last_real_index(mask)
+    if np.any(tokens[np.arange(len(tokens)), last] != EOS) or not np.all(mask.any(axis=1)):
+        bad = int(np.flatnonzero((tokens[np.arange(len(tokens)), last] != EOS) | ~mask.any(axis=1))[0])
+        raise ValueError(f"sequence {bad} does not end in EOS: the reward model scores only finished "
+                         f"responses (a response with no EOS gets a fixed score instead)")
+    h, trunk_cache = tf.hidden_forward(params, cfg, tokens, mask)
+    h_eos = h[np.arange(len(tokens)), last]  # (B, C)
+    r = h_eos @ params["head.w"] + params["head.b"]
+    return r, (trunk_cache, h.shape, last, h_eos, params["head.w"])
+
+
+def reward_backward(dr, cache):
+    """Undoes r = h[b, t_eos] . w + b. Returns grads for the trunk and the head."""
+    trunk_cache, h_shape, last, h_eos, w = cache
+    dh = np.zeros(h_shape, dtype=h_eos.dtype)
+    dh[np.arange(h_shape[0]), last] = dr[:, None] * w  # only the EOS position feeds the score
+    grads = tf.hidden_backward(dh, trunk_cache)
+    grads["head.w"] = dr @ h_eos
+    grads["head.b"] = np.asarray(dr.sum(), dtype=h_eos.dtype)
+    return grads
+
+
+# ---------------------------------------------------------------- the losses
+
+def bt_loss_forward(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
+    """Mean over pairs of -log sigmoid(r_chosen - r_rejected - margin) [+ c (r_chosen + r_rejected)^2]."""
+    r_chosen, r_rejected = np.asarray(r_chosen), np.asarray(r_rejected)
+    if r_chosen.shape != r_rejected.shape or r_chosen.ndim != 1 or r_chosen.size == 0:
+        raise ValueError(f"chosen and rejected rewards must be 1-D of one non-zero size, got "
+                         f"{r_chosen.shape} and {r_rejected.shape}")
+    d = r_chosen - r_rejected - margin
+    total = r_chosen + r_rejected
+    loss = np.mean(np.logaddexp(0.0, -d)) + center_coef * np.mean(total * total)
+    return float(loss), (d, total, center_coef)
+
+
+def bt_loss_backward(dloss, cache):
+    """Undoes the mean of softplus(-d) + c total^2. Returns (dr_chosen, dr_rejected)."""
+    d, total, c = cache
+    n = d.size
+    dd = -expit(-d) / n * dloss  # d/dd softplus(-d) = -sigmoid(-d) = sigmoid(d) - 1
+    dtotal = 2 * c * total / n * dloss
+    return (dd + dtotal).astype(d.dtype), (-dd + dtotal).astype(d.dtype)
+
+
+def ranking_loss_forward(rewards, valid=None, margin=0.0, center_coef=0.0):
+    """K-way loss. rewards (B, K) in rank order (column 0 the best), valid (B, K) marks scored responses.
+
+    Per row, the mean over its valid pairs i < j of softplus(-(r_i - r_j - margin)) [+ c (r_i + r_j)^2];
+    then the mean over rows that have at least one pair.
+    """
+    rewards = np.asarray(rewards)
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be (B, K) with K >= 2, got shape {rewards.shape}")
+    valid = np.ones(rewards.shape, bool) if valid is None else np.asarray(valid, bool)
+    K = rewards.shape[1]
+    pair = np.triu(np.ones((K, K), bool), k=1) & valid[:, :, None] & valid[:, None, :]  # (B, K, K): i < j
+    n_pairs = pair.sum(axis=(1, 2))  # (B,)
+    rows = n_pairs > 0
+    if not rows.any():
+        raise ValueError("ranking loss: no row has two valid responses")
+    d = rewards[:, :, None] - rewards[:, None, :] - margin  # d[b, i, j] = r_i - r_j - margin
+    total = rewards[:, :, None] + rewards[:, None, :]
+    w = np.where(pair, 1.0 / np.maximum(n_pairs, 1)[:, None, None], 0.0) / rows.sum()  # pair weights
+    loss = np.sum(w * (np.logaddexp(0.0, -d) + center_coef * total * total))
+    return float(loss), (d, total, w, center_coef, rewards.dtype)
+
+
+def ranking_loss_backward(dloss, cache):
+    """Undoes the weighted sum over pairs: each pair pushes r_i by dL/dd and r_j by -dL/dd."""
+    d, total, w, c, dtype = cache
+    dd = -expit(-d) * w * dloss  # (B, K, K)
+    dtotal = 2 * c * total * w * dloss
+    # d[b, i, j] = r_i - r_j: +dd to row i (sum over j), -dd to column j (sum over i); total feeds both
+    return (dd.sum(2) - dd.sum(1) + dtotal.sum(2) + dtotal.sum(1)).astype(dtype)
+
+
+# ---------------------------------------------------------------- training
+
+@dataclass(frozen=True)
+class RewardConfig:
+    steps: int = 300  # optimiser steps
+    batch_size: int = 16  # prompts (comparisons) per step, each with its K responses
+    lr: float = 1e-3  # peak learning rate, linear warm-up then decay to 0
+    warmup_steps: int = 20  # warm-up steps
+    weight_decay: float = 0.01  # AdamW decoupled decay on matrices
+    max_grad_norm: float = 1.0  # global-norm gradient clip
+    margin: float = 0.0  # required reward gap (0: plain Bradley-Terry)
+    center_coef: float = 0.0  # Eisenstein et al. centering coefficient (0: off)
+    eval_every: int = 50  # steps between validation evaluations (and log lines)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"RewardConfig: need steps, batch_size, eval_every >= 1 and "
+                             f"0 <= warmup_steps < steps, got {self}")
+
+
+def ranked_batch(comparisons):
+    """Comparisons -> the ended responses to score and where their rewards go in a (B, K) ranked array."""
+    K = max(len(c.responses) for c in comparisons)
+    prompts, responses, slots = [], [], []
+    for b, c in enumerate(comparisons):
+        if len(set(c.ranking)) != len(c.ranking):
+            raise ValueError(f"ranking {c.ranking} for {c.prompt!r} repeats an item")
+        for rank_pos, i in enumerate(c.ranking):
+            if c.ended[i]:
+                prompts.append(c.prompt)
+                responses.append(c.responses[i])
+                slots.append((b, rank_pos))
+    return prompts, responses, np.array(slots).reshape(-1, 2), (len(comparisons), K)
+
+
+def loss_and_grads(params, cfg, comparisons, rm_cfg):
+    """K-way loss of a batch of comparisons and its gradient for every parameter."""
+    prompts, responses, slots, shape = ranked_batch(comparisons)
+    tokens, mask = encode_responses(prompts, responses)
+    r, cache = reward_forward(params, cfg, tokens, mask)
+    rewards = np.zeros(shape, r.dtype)
+    valid = np.zeros(shape, bool)
+    rewards[slots[:, 0], slots[:, 1]] = r
+    valid[slots[:, 0], slots[:, 1]] = True
+    loss, lcache = ranking_loss_forward(rewards, valid, rm_cfg.margin, rm_cfg.center_coef)
+    drewards = ranking_loss_backward(1.0, lcache)
+    return loss, reward_backward(drewards[slots[:, 0], slots[:, 1]], cache)
+
+
+def score(params, cfg, prompts, responses, norm=None, batch_size=256):
+    """Reward of each (prompt, response) text pair, normalised with norm = (gain, bias) if given."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        tokens, mask = encode_responses(prompts[i:i + batch_size], responses[i:i + batch_size])
+        out.append(reward_forward(params, cfg, tokens, mask)[0])
+    r = np.concatenate(out) if out else np.zeros(0)
+    return r if norm is None else norm[0] * r + norm[1]
+
+
+def pair_table(comparisons):
+    """Every scored pair of a set of comparisons as (prompt, a, b), a the lower original index, with the
+    index of the annotator's winner (0 for a): a fixed orientation, for accuracy and calibration."""
+    rows = []
+    for c in comparisons:
+        for w, l in scored_pairs(c):
+            a, b = min(w, l), max(w, l)
+            rows.append((c.prompt, c.responses[a], c.responses[b], 0 if w == a else 1))
+    return rows
+
+
+def evaluate(params, cfg, comparisons, annotator, n_bins=5):
+    """Pairwise accuracy against the annotator's labels, its exact ceiling, and calibration bins of
+    predicted P(a > b) = sigmoid(r_a - r_b) against the annotator's exact probability."""
+    rows = pair_table(comparisons)
+    prompts = [p for p, *_ in rows]
+    ra = score(params, cfg, prompts, [a for _, a, _, _ in rows])
+    rb = score(params, cfg, prompts, [b for _, _, b, _ in rows])
+    label_a = np.array([w == 0 for *_, w in rows])
+    correct = np.where(ra == rb, 0.5, (ra > rb) == label_a)
+    pred = expit(ra - rb)
+    truth = np.array([prefer_probability(p, a, b, annotator) for p, a, b, _ in rows])
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.clip(np.digitize(pred, edges) - 1, 0, n_bins - 1)
+    calibration = [{"bin": [float(edges[k]), float(edges[k + 1])], "count": int((which == k).sum()),
+                    "predicted": float(pred[which == k].mean()) if (which == k).any() else None,
+                    "annotator": float(truth[which == k].mean()) if (which == k).any() else None}
+                   for k in range(n_bins)]
+    return {"accuracy": float(correct.mean()), "ceiling": ceiling_accuracy(comparisons, annotator),
+            "pairs": len(rows), "calibration": calibration}
+
+
+def train_reward_model(params, cfg, train, val, rm_cfg, annotator, rng, log=print):
+    """Train params (in place) on train comparisons; evaluate on val. Returns a history of dicts."""
+    train = [c for c in train if len(scored_pairs(c)) > 0]
+    if not train or not val:
+        raise ValueError("train_reward_model needs comparisons with at least one scored pair in train and val")
+    opt = AdamWConfig(lr=rm_cfg.lr, weight_decay=rm_cfg.weight_decay, max_grad_norm=rm_cfg.max_grad_norm)
+    state, history, t0 = adamw_init(params), [], time.perf_counter()
+    for step in range(rm_cfg.steps):
+        t_step = time.perf_counter()
+        batch = [train[i] for i in rng.integers(0, len(train), rm_cfg.batch_size)]
+        loss, grads = loss_and_grads(params, cfg, batch, rm_cfg)
+        lr = lr_schedule(step, rm_cfg.steps, rm_cfg.lr, rm_cfg.warmup_steps)
+        grad_norm = adamw_step(params, grads, state, opt, lr=lr)
+        step_ms = 1000 * (time.perf_counter() - t_step)
+        if (step + 1) % rm_cfg.eval_every == 0 or step == rm_cfg.steps - 1:
+            ev = evaluate(params, cfg, val, annotator)
+            rec = {"stage": "reward_model", "step": step + 1, "loss": loss, "val_accuracy": ev["accuracy"],
+                   "ceiling_accuracy": ev["ceiling"], "lr": lr, "grad_norm": grad_norm, "ms": step_ms, "seconds": time.perf_counter() - t0}
+            history.append(rec)
+            log(f"rm  step {step + 1:4d} | loss {loss:.3f} | val acc {ev['accuracy']:.3f} | "
+                f"ceiling {ev['ceiling']:.3f} | {rec['ms']:5.0f} ms")
+    return history
+
+
+def fit_normalisation(params, cfg, prompts, responses):
+    """(gain, bias) making the scores of these (SFT-policy, ended) samples mean 0 and std 1."""
+    r = score(params, cfg, prompts, responses).astype(np.float64)
+    std = r.std()
+    if len(r) < 2 or not std > 0:
+        raise ValueError(f"cannot normalise over {len(r)} scores with std {std}")
+    return 1.0 / std, -r.mean() / std

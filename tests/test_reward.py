@@ -1,0 +1,137 @@
+"""The reward model: loss gradients and properties, the whole model's gradients, bad input."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from hypothesis.extra.numpy import arrays
+
+from minirlhf import reward as R
+from minirlhf import transformer as tf
+from minirlhf.testing import check_gradients, numerical_gradient, rel_error
+from minirlhf.tokenizer import VOCAB_SIZE
+from minirlhf.annotator import Comparison
+
+TINY = tf.Config(vocab_size=VOCAB_SIZE, n_ctx=16, n_layer=2, n_head=2, n_embd=8)
+
+
+def test_bt_loss_gradient():
+    rng = np.random.default_rng(0)
+    rc, rr = rng.standard_normal(5) + 0.1, rng.standard_normal(5) - 0.1
+    for margin, center in [(0.0, 0.0), (0.5, 0.3)]:
+        f = lambda: 0.7 * R.bt_loss_forward(rc, rr, margin, center)[0]
+        dc, dr = R.bt_loss_backward(0.7, R.bt_loss_forward(rc, rr, margin, center)[1])
+        for name, err in check_gradients(f, {"c": rc, "r": rr}, {"c": dc, "r": dr}).items():
+            assert err < 1e-7, (name, margin, center, err)
+
+
+def test_ranking_loss_gradient_with_invalid_items():
+    rng = np.random.default_rng(1)
+    rewards = rng.standard_normal((3, 4)) + 0.1
+    valid = np.ones((3, 4), bool)
+    valid[1, 2] = False  # a response without EOS is left out of its row's pairs
+    valid[2, 1:] = False  # a row with a single scored response contributes nothing
+    for margin, center in [(0.0, 0.0), (0.3, 0.2)]:
+        f = lambda: 1.3 * R.ranking_loss_forward(rewards, valid, margin, center)[0]
+        d = R.ranking_loss_backward(1.3, R.ranking_loss_forward(rewards, valid, margin, center)[1])
+        assert rel_error(d, numerical_gradient(f, rewards)) < 1e-7
+        assert np.all(d[~valid] == 0)
+
+
+finite = st.floats(-1e4, 1e4, allow_nan=False)
+
+
+@given(arrays(np.float64, 4, elements=finite), arrays(np.float64, 4, elements=finite),
+       st.floats(-1e3, 1e3))
+def test_bt_loss_ignores_a_shared_constant(rc, rr, c):
+    a, b = R.bt_loss_forward(rc, rr)[0], R.bt_loss_forward(rc + c, rr + c)[0]
+    assert a == pytest.approx(b, rel=1e-9, abs=1e-9 * (1 + abs(c)))
+
+
+@given(st.floats(-50, 50))
+def test_bt_loss_odd_part_is_minus_d(d):
+    """softplus(-d) - softplus(d) = -d: the loss's odd part is linear."""
+    ld = R.bt_loss_forward(np.array([d]), np.array([0.0]))[0]
+    lm = R.bt_loss_forward(np.array([-d]), np.array([0.0]))[0]
+    assert ld - lm == pytest.approx(-d, abs=1e-9)
+
+
+@given(arrays(np.float64, 3, elements=finite), arrays(np.float64, 3, elements=finite))
+def test_bt_loss_finite_and_gradient_signs(rc, rr):
+    loss, cache = R.bt_loss_forward(rc, rr)
+    dc, dr = R.bt_loss_backward(1.0, cache)
+    assert np.isfinite(loss) and np.all(np.isfinite(dc)) and np.all(np.isfinite(dr))
+    assert np.all(dc <= 0) and np.all(dr >= 0)  # raise the chosen, lower the rejected
+    np.testing.assert_array_equal(dc, -dr)
+
+
+@given(arrays(np.float64, (4, 2), elements=finite), st.floats(0, 2), st.floats(0, 1))
+def test_kway_with_k2_equals_pairwise(r, margin, center):
+    lk, ck = R.ranking_loss_forward(r, None, margin, center)
+    lp, cp = R.bt_loss_forward(r[:, 0], r[:, 1], margin, center)
+    assert lk == pytest.approx(lp, rel=1e-12, abs=1e-12)
+    dk = R.ranking_loss_backward(1.0, ck)
+    dc, dr = R.bt_loss_backward(1.0, cp)
+    np.testing.assert_allclose(dk, np.stack([dc, dr], 1), rtol=1e-12, atol=1e-15)
+
+
+def tiny_reward_params(seed=0):
+    rng = np.random.default_rng(seed)
+    trunk = tf.init_params(TINY, rng, np.float64)
+    for k in trunk:
+        trunk[k] = trunk[k] + 0.3 * rng.standard_normal(trunk[k].shape)
+    params = R.init_reward_params(trunk, TINY, rng)
+    params["head.b"] = np.asarray(0.2)
+    return params
+
+
+def test_whole_reward_model_gradient_every_parameter():
+    params = tiny_reward_params()
+    comps = [Comparison("hi", ("hey", "go away", "hello"), (True, True, True), (2, 0, 1)),
+             Comparison("3+4?", ("7", "8"), (True, False), (1, 0))]
+    # the second comparison has one scored response: it must not contribute (and not crash)
+    comps.append(Comparison("yo", ("hi", "bye"), (True, True), (0, 1)))
+    cfg = R.RewardConfig(margin=0.1, center_coef=0.05)
+    loss, grads = R.loss_and_grads(params, TINY, comps, cfg)
+    f = lambda: R.loss_and_grads(params, TINY, comps, cfg)[0]
+    assert grads.keys() == params.keys()
+    C = TINY.n_embd
+    for name in params:
+        analytic, numeric = grads[name], numerical_gradient(f, params[name])
+        if name.endswith("attn.b_qkv"):  # key bias: true gradient exactly 0 (softmax shift invariance)
+            assert np.abs(analytic[C:2 * C]).max() < 1e-12 and np.abs(numeric[C:2 * C]).max() < 1e-9
+            analytic, numeric = np.delete(analytic, np.s_[C:2 * C]), np.delete(numeric, np.s_[C:2 * C])
+        assert rel_error(analytic, numeric) < 1e-5, name
+
+
+@given(st.lists(st.floats(-3, 3), min_size=3, max_size=20))
+def test_normalisation_gives_mean_0_std_1(values):
+    r = np.array(values)
+    if r.std() < 1e-3:
+        return
+    gain, bias = 1 / r.std(), -r.mean() / r.std()
+    z = gain * r + bias
+    assert abs(z.mean()) < 1e-9 and abs(z.std() - 1) < 1e-9
+
+
+def test_fit_normalisation_on_model_scores():
+    params = tiny_reward_params()
+    prompts, responses = ["hi", "yo", "3+4?", "hi"], ["hey", "go", "7", "hello there"]
+    gain, bias = R.fit_normalisation(params, TINY, prompts, responses)
+    z = R.score(params, TINY, prompts, responses, norm=(gain, bias))
+    assert abs(z.mean()) < 1e-9 and abs(z.std() - 1) < 1e-9
+
+
+def test_bad_input():
+    params = tiny_reward_params()
+    with pytest.raises(ValueError, match="chosen and rejected"):
+        R.bt_loss_forward(np.zeros(3), np.zeros(4))
+    tokens, mask = R.encode_responses(["hi"], ["hey"])
+    tokens[0, mask[0].sum() - 1] = 5  # overwrite EOS
+    with pytest.raises(ValueError, match="does not end in EOS"):
+        R.reward_forward(params, TINY, tokens, mask)
+    bad = Comparison.__new__(Comparison)  # bypass the dataclass check to reach the loss's own check
+    object.__setattr__(bad, "prompt", "hi")
+    object.__setattr__(bad, "responses", ("a", "b"))
+    object.__setattr__(bad, "ended", (True, True))
+    object.__setattr__(bad, "ranking", (0, 0))
+    with pytest.raises(ValueError, match="repeats an item"):
+        R.loss_and_grads(params, TINY, [bad], R.RewardConfig())
