@@ -15,4 +15,15 @@ Reading order (each module opens with its math):
     ppo           rollouts and the PPO update
     demo          the whole pipeline in a minute
 """
+import os
+import sys
+
 __version__ = "0.1.0"
+
+# One BLAS thread unless the user chose otherwise. This model's matrices are small (64 x 256 at demo size):
+# measured on a 2-core machine, OpenBLAS's default two threads made a training step about 2x slower than
+# one thread on a quiet machine (116 ms against 54 ms, float32) and many times slower when anything else
+# was running. The variable is read when NumPy loads OpenBLAS, so this only takes effect when minirlhf is
+# imported before NumPy (as `python -m minirlhf.demo`, the benchmarks and tests/conftest.py do).
+if "numpy" not in sys.modules:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -38,6 +38,7 @@ from scipy.special import expit
 from . import transformer as tf
 from .optim import AdamWConfig, adamw_init, adamw_step, lr_schedule
 from .tokenizer import EOS, encode_example, pad_batch
+from .world import FAMILIES, family_of
 from .annotator import ceiling_accuracy, prefer_probability, scored_pairs
 
 
@@ -204,28 +205,27 @@ def score(params, cfg, prompts, responses, norm=None, batch_size=256):
     return r if norm is None else norm[0] * r + norm[1]
 
 
-def pair_table(comparisons):
-    """Every scored pair of a set of comparisons as (prompt, a, b), a the lower original index, with the
-    index of the annotator's winner (0 for a): a fixed orientation, for accuracy and calibration."""
-    rows = []
+def evaluate(params, cfg, comparisons, annotator, n_bins=5):
+    """Pairwise accuracy against the annotator's labels (overall and per prompt family), its exact ceiling,
+    and calibration bins of predicted P(a > b) = sigmoid(r_a - r_b) against the annotator's exact
+    probability, for every scored pair oriented by original sample order (a sampled before b)."""
+    ended = [(c.prompt, c.responses[i]) for c in comparisons for i in range(len(c.responses)) if c.ended[i]]
+    r_all = score(params, cfg, [p for p, _ in ended], [r for _, r in ended])  # each response scored once
+    r_of, rows = dict(zip(ended, r_all)), []
     for c in comparisons:
         for w, l in scored_pairs(c):
             a, b = min(w, l), max(w, l)
-            rows.append((c.prompt, c.responses[a], c.responses[b], 0 if w == a else 1))
-    return rows
-
-
-def evaluate(params, cfg, comparisons, annotator, n_bins=5):
-    """Pairwise accuracy against the annotator's labels, its exact ceiling, and calibration bins of
-    predicted P(a > b) = sigmoid(r_a - r_b) against the annotator's exact probability."""
-    rows = pair_table(comparisons)
-    prompts = [p for p, *_ in rows]
-    ra = score(params, cfg, prompts, [a for _, a, _, _ in rows])
-    rb = score(params, cfg, prompts, [b for _, _, b, _ in rows])
-    label_a = np.array([w == 0 for *_, w in rows])
-    correct = np.where(ra == rb, 0.5, (ra > rb) == label_a)
+            rows.append((c.prompt, c.responses[a], c.responses[b], w == a))
+    ra = np.array([r_of[(p, a)] for p, a, _, _ in rows])
+    rb = np.array([r_of[(p, b)] for p, _, b, _ in rows])
+    a_won = np.array([won for *_, won in rows])
+    correct = np.where(ra == rb, 0.5, (ra > rb) == a_won)
     pred = expit(ra - rb)
     truth = np.array([prefer_probability(p, a, b, annotator) for p, a, b, _ in rows])
+    best = np.maximum(truth, 1 - truth)  # the ceiling, pair by pair
+    families = np.array([family_of(p) for p, *_ in rows])
+    by_family = {f: {"accuracy": float(correct[families == f].mean()), "ceiling": float(best[families == f].mean()),
+                     "pairs": int((families == f).sum())} for f in FAMILIES if (families == f).any()}
     edges = np.linspace(0, 1, n_bins + 1)
     which = np.clip(np.digitize(pred, edges) - 1, 0, n_bins - 1)
     calibration = [{"bin": [float(edges[k]), float(edges[k + 1])], "count": int((which == k).sum()),
@@ -233,7 +233,7 @@ def evaluate(params, cfg, comparisons, annotator, n_bins=5):
                     "annotator": float(truth[which == k].mean()) if (which == k).any() else None}
                    for k in range(n_bins)]
     return {"accuracy": float(correct.mean()), "ceiling": ceiling_accuracy(comparisons, annotator),
-            "pairs": len(rows), "calibration": calibration}
+            "pairs": len(rows), "by_family": by_family, "calibration": calibration}
 
 
 def train_reward_model(params, cfg, train, val, rm_cfg, annotator, rng, log=print):

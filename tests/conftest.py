@@ -1,5 +1,6 @@
 import os
 
+import minirlhf  # noqa: F401  (first: sets one BLAS thread before NumPy loads, see its __init__)
 from hypothesis import settings
 
 # CI: same examples every run, no per-example deadline (a 2-core machine's speed drifts).

@@ -2,6 +2,7 @@
 reads the style back from text, and the simulated annotator's choices follow Bradley-Terry / Plackett-Luce
 exactly (binomial tests at alpha = 1e-3 with fixed seeds, each also shown able to reject a wrong rate)."""
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from minirlhf import world as W
 from minirlhf.tokenizer import CHARS, encode_example
 
 ALPHA = 1e-3
-EXAMPLES = {"greeting": "hello, how are you?", "arithmetic": "what is 3+4?",
+EXAMPLES = {"greeting": "hello, how are you?", "arithmetic": "what is 4+1?",
             "unsafe": "how do i pick a lock?", "unknowable": "will it rain tomorrow?"}
 
 
@@ -47,7 +48,7 @@ def test_world_has_a_few_hundred_distinct_prompts_in_every_family():
     for p in prompts:
         assert W.get_prompt(p.text) is p and W.family_of(p.text) == p.family
         if p.family == "arithmetic":
-            a, b = (int(d) for d in p.text.rstrip("?.").split()[-1].split("+"))
+            a, b = (int(d) for d in re.findall(r"[0-9]", p.text))
             assert p.answer == a + b
 
 
@@ -112,11 +113,11 @@ def test_gibberish_and_no_eos_score_below_every_templated_response():
     ("unsafe", "sorry, i can't help.", "sure, here is how.", "safe", 1.5, -1.5),
     ("unsafe", "i won't help with that.", "hello! nice to meet you.", "safe", 1.5, -0.5),
     ("unsafe", "i won't help with that.", "i won't help. here is how.", "safe", 1.5, -1.5),  # complying wins
-    ("arithmetic", "it is 7.", "it is 8.", "helpful", 1.5, -1.5),
-    ("arithmetic", "7.", "hello! nice to meet you.", "helpful", 1.5, -1.0),
-    ("arithmetic", "it is 7. it is 7.", "it is 7. it is 8.", "helpful", 1.5, -1.5),   # a hedge is wrong
-    ("arithmetic", "it is 8.", "it is 8, for sure.", "calibrated", 0.0, -0.5),
-    ("arithmetic", "it is 7, for sure.", "it is 8, for sure.", "calibrated", 0.0, -0.5),
+    ("arithmetic", "it is 5.", "it is 6.", "helpful", 1.5, -1.5),
+    ("arithmetic", "5.", "hello! nice to meet you.", "helpful", 1.5, -1.0),
+    ("arithmetic", "it is 5. it is 5.", "it is 5. it is 6.", "helpful", 1.5, -1.5),   # a hedge is wrong
+    ("arithmetic", "it is 6.", "it is 6, for sure.", "calibrated", 0.0, -0.5),
+    ("arithmetic", "it is 5, for sure.", "it is 6, for sure.", "calibrated", 0.0, -0.5),
     ("greeting", "hello! nice to meet you.", "ugh. hi. what now?", "polite", 0.5, -1.0),
     ("greeting", "hi.", "whatever.", "helpful", 1.0, -1.0),
     ("greeting", "hi! glad you are here.", "hi. you are here.", "polite", 0.5, 0.0),
@@ -224,7 +225,7 @@ def annotate_rate(prompt, a, b, cfg, n, seed):
 
 @pytest.mark.parametrize("family, a, b, delta", [
     ("unsafe", "sorry, i can't help.", "i won't help with that.", 0.5),
-    ("arithmetic", "it is 7.", "ugh, it is 7.", 1.0),
+    ("arithmetic", "it is 5.", "ugh, it is 5.", 1.0),
     ("unsafe", "i won't help with that.", "sure, here is how.", 3.0),
     ("greeting", "hi! glad you are here.", "hi! glad you are here.", 0.0),
     ("unknowable", "it is 42, for sure.", "nobody knows that yet.", -3.0),
@@ -262,7 +263,7 @@ def test_length_bias_shifts_choices_towards_longer_responses():
 
 def test_plackett_luce_with_two_responses_is_the_pairwise_rule():
     prompt, cfg = EXAMPLES["arithmetic"], A.AnnotatorConfig(temperature=0.7)
-    a, b = "it is 7.", "ugh, it is 7."
+    a, b = "it is 5.", "ugh, it is 5."
     assert W.gold(prompt, a) - W.gold(prompt, b) == 1.0  # annotator picks a with probability sigmoid(1 / 0.7)
     firsts = []
     for seed in range(400):  # the same uniform draw gives the same choice, seed by seed
