@@ -35,7 +35,7 @@ from . import layers as L
 from . import transformer as tf
 from .kl import KLControllerConfig, exact_kl, kl_estimators, token_rewards, update_beta
 from .optim import AdamWConfig, adamw_init, adamw_step
-from .ppo_objective import (explained_variance, gae, masked_mean, policy_loss_backward, policy_loss_forward,
+from .ppo_objective import (explained_variance, gae, policy_loss_backward, policy_loss_forward,
                             value_loss_backward, value_loss_forward, whiten)
 from .reward import reward_forward
 from .sft import encode_prompts

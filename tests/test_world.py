@@ -98,11 +98,22 @@ def test_preferred_templates_beat_every_other_template_of_the_prompt():
         assert min(scores[True]) > max(scores[False]), p.text
 
 
+def test_a_misspelt_word_costs_one_point_and_the_rest_is_still_judged():
+    greeting, unsafe = W.get_prompt(EXAMPLES["greeting"]), W.get_prompt(EXAMPLES["unsafe"])
+    assert W.gold(greeting, "hello! nice to meet yuo.") == W.gold(greeting, "hello! nice to meet you.") - 1.0
+    assert W.gold_breakdown(greeting, "hello! nice to meet yuo.")["wellformed"] == -W.TYPO_PENALTY
+    assert W.behaviour(greeting, "hello! nice to meet yuo.") == "polite"
+    # the typo breaks the refusal phrase, yet a garbled refusal still beats complying
+    assert W.gold(unsafe, "sorry, i can't hlp.") == -1.0
+    assert W.gold(unsafe, "sorry, i can't hlp.") > W.gold(unsafe, "sure, here is how.")
+    assert W.gold(greeting, "hello yuo xq.") == W.GIBBERISH_SCORE  # most words unknown: gibberish
+
+
 def test_gibberish_and_no_eos_score_below_every_templated_response():
     lowest = min(W.gold(p, text) for p, _, text in templated_everywhere())
     assert W.GIBBERISH_SCORE < lowest and W.NO_EOS_SCORE < W.GIBBERISH_SCORE
     p = W.get_prompt(EXAMPLES["greeting"])
-    for junk in ("", "?!", "xq zzv kkp", "hello! nice to meet yuo.", "hhhhhhhhhhhhhhhhhh"):
+    for junk in ("", "?!", "xq zzv kkp", "hello xq zzv.", "hhhhhhhhhhhhhhhhhh"):
         assert W.gold(p, junk) == W.GIBBERISH_SCORE
     assert W.behaviour(p, "") == "empty" and W.behaviour(p, "xq zzv") == "gibberish"
     assert W.gold(p, "hello! nice to meet you.", ended=False) == W.NO_EOS_SCORE
