@@ -135,3 +135,23 @@ def test_bad_input():
     object.__setattr__(bad, "ranking", (0, 0))
     with pytest.raises(ValueError, match="repeats an item"):
         R.loss_and_grads(params, TINY, [bad], R.RewardConfig())
+
+
+def test_evaluate_counts_agreement_pair_by_pair():
+    params = tiny_reward_params(seed=4)
+    from minirlhf.annotator import AnnotatorConfig, ceiling_accuracy, scored_pairs
+    ann = AnnotatorConfig(temperature=0.5)
+    comps = [Comparison("hi!", ("hello!", "ugh. hi.", "um, hi."), (True, True, True),
+                        (0, 2, 1)),
+             Comparison("4+1?", ("5.", "it is 6.", "6."), (True, False, True), (0, 2, 1))]
+    ev = R.evaluate(params, TINY, comps, ann)
+    agree = []
+    for c in comps:
+        r = R.score(params, TINY, [c.prompt] * len(c.responses), list(c.responses))
+        agree += [float(r[w] > r[l]) for w, l in scored_pairs(c)]
+    assert ev["pairs"] == len(agree) == 4  # 3 pairs, then 1: the no-EOS response is never scored
+    assert ev["accuracy"] == pytest.approx(np.mean(agree))
+    assert ev["ceiling"] == ceiling_accuracy(comps, ann)
+    assert sum(b["count"] for b in ev["calibration"]) == 4
+    assert set(ev["by_family"]) == {"greeting", "arithmetic"}
+    assert ev["by_family"]["greeting"]["pairs"] == 3
