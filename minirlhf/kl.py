@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minirlhf.layers import log_softmax
+
 
 def validate_masked(mask, **arrays):
     """Check (B, T) arrays against their mask and return the mask as a bool array.
@@ -69,12 +71,6 @@ def kl_estimators(logp, logp_ref, mask):
     for k in ("k1", "k2", "k3"):
         out[k + "_sum"] = out[k].sum(axis=1)  # (B,)
     return out
-
-
-def log_softmax(z):
-    """log softmax over the last axis, stable for any finite z: z - max - log sum exp(z - max)."""
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def exact_kl(logits, logits_ref, temperature=1.0, mask=None):
