@@ -244,8 +244,8 @@ def check_response(text):
 def sft_corpus(prompts, n, rng, preferred_rate=0.45, family_weights=None):
     """n (prompt_text, response_text) examples for supervised fine-tuning.
 
-    Prompts come from `sample_prompts` (families equally often, or as family_weights says). The response has the preferred style with
-    probability preferred_rate, else one of the family's bad styles uniformly. The default 0.45 gives:
+    Prompts come from `sample_prompts` (families equally often, or as family_weights says). The response
+    has the preferred style with probability preferred_rate, else one of the family's bad styles uniformly. The default 0.45 gives:
     greeting polite .45, rude .275, rambling .275; arithmetic correct .45, each bad style .183; unsafe
     refuses .45, complies .55; unknowable uncertain .45, overconfident .55.
     """
