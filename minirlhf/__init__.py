@@ -14,6 +14,12 @@ Reading order (each module opens with its math):
     ppo_objective GAE, whitening, the clipped PPO losses
     ppo           rollouts and the PPO update
     demo          the whole pipeline in a minute
+
+For porters (they need the `test` extra, hypothesis):
+    testing       finite differences, relative error, hypothesis strategies, naive oracles
+    conformance   checks of every public function that take any framework's callables
+    fixtures      golden inputs, outputs and gradients in float64
+    exact         exact KL and policy gradients by enumerating every response of a tiny model
 """
 import os
 import sys

@@ -102,7 +102,7 @@ def bt_loss_forward(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
     d = r_chosen - r_rejected - margin
     total = r_chosen + r_rejected
     loss = np.mean(np.logaddexp(0.0, -d)) + center_coef * np.mean(total * total)
-    return float(loss), (d, total, center_coef)
+    return d.dtype.type(loss), (d, total, center_coef)  # a scalar of the input dtype
 
 
 def bt_loss_backward(dloss, cache):
@@ -124,6 +124,7 @@ def ranking_loss_forward(rewards, valid=None, margin=0.0, center_coef=0.0):
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be (B, K) with K >= 2, got shape {rewards.shape}")
     valid = np.ones(rewards.shape, bool) if valid is None else np.asarray(valid, bool)
+    rewards = np.where(valid, rewards, 0).astype(rewards.dtype)  # unscored slots may hold anything, even NaN
     K = rewards.shape[1]
     pair = np.triu(np.ones((K, K), bool), k=1) & valid[:, :, None] & valid[:, None, :]  # (B, K, K): i < j
     n_pairs = pair.sum(axis=(1, 2))  # (B,)
@@ -134,7 +135,7 @@ def ranking_loss_forward(rewards, valid=None, margin=0.0, center_coef=0.0):
     total = rewards[:, :, None] + rewards[:, None, :]
     w = np.where(pair, 1.0 / np.maximum(n_pairs, 1)[:, None, None], 0.0) / rows.sum()  # pair weights
     loss = np.sum(w * (np.logaddexp(0.0, -d) + center_coef * total * total))
-    return float(loss), (d, total, w, center_coef, rewards.dtype)
+    return rewards.dtype.type(loss), (d, total, w, center_coef, rewards.dtype)
 
 
 def ranking_loss_backward(dloss, cache):

@@ -34,6 +34,16 @@ def test_ranking_loss_gradient_with_invalid_items():
         d = R.ranking_loss_backward(1.3, R.ranking_loss_forward(rewards, valid, margin, center)[1])
         assert rel_error(d, numerical_gradient(f, rewards)) < 1e-7
         assert np.all(d[~valid] == 0)
+    garbage = rewards.copy()
+    garbage[~valid] = np.nan  # what sits in an unscored slot never reaches the loss
+    assert R.ranking_loss_forward(garbage, valid)[0] == R.ranking_loss_forward(rewards, valid)[0]
+
+
+def test_losses_keep_the_input_dtype():
+    r = np.array([[0.5, -0.2], [1.0, 0.3]], np.float32)
+    assert R.bt_loss_forward(r[:, 0], r[:, 1])[0].dtype == np.float32
+    loss, cache = R.ranking_loss_forward(r)
+    assert loss.dtype == np.float32 and R.ranking_loss_backward(1.0, cache).dtype == np.float32
 
 
 finite = st.floats(-1e4, 1e4, allow_nan=False)

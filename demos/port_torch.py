@@ -1,0 +1,273 @@
+"""A PyTorch port of minirlhf's transformer, value head, PPO losses and Bradley-Terry loss, checked with the
+conformance kit and the golden fixtures: what a porter runs against their own code.
+
+    python demos/port_torch.py [--fixtures tests/fixtures] [--json out.json]
+
+torch is optional (never an install requirement): without it this script says so and exits 0.
+
+Where a port usually goes wrong, and the line here that gets it right:
+    weights      minirlhf computes x @ W with W (in, out); nn.Linear computes x @ weight.T, so
+                 weight = W.T on the way in and grad.T on the way out (NAMES, load, grads)
+    LayerNorm    biased variance, eps 1e-5: nn.LayerNorm's defaults
+    GELU         the tanh form: F.gelu(x, approximate="tanh") (the default is the erf form, 1e-3 away)
+    attention    query i reads real keys j <= i; a padding query reads only itself (finite, never used)
+    positions    cumsum(mask) - mask, so left padding changes no real logit
+    LM head      tied: logits = h @ wte.weight.T
+    log-probs    log_softmax(logits / tau), the sampling temperature
+    PPO          mean over valid tokens of max(-A ratio, -A clamp(ratio)); padding zeroed before exp
+    BT loss      -F.logsigmoid(d): F.softplus has threshold=20 and returns x itself beyond it, 2e-9 off
+
+Checks, all in float64: (1) the kit's properties and finite-difference gradients of each ported function;
+(2) fixtures.compare against every matching golden fixture to 1e-10; (3) logits and every parameter's
+autograd gradient against minirlhf's hand-written backward on the kit's model. Exit code 1 on a failure.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import minirlhf  # noqa: E402,F401  (first: one BLAS thread before NumPy loads)
+import numpy as np  # noqa: E402
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    torch = None
+
+
+# ---------------------------------------------------------------- the port
+
+def NAMES(cfg):
+    """minirlhf name -> (torch name, transposed?) for every parameter of a model with a scalar head."""
+    names = {"wte": ("wte.weight", False), "wpe": ("wpe.weight", False),
+             "ln_f.g": ("ln_f.weight", False), "ln_f.b": ("ln_f.bias", False)}
+    for l in range(cfg.n_layer):
+        for ours, theirs, t in [("ln1.g", "ln1.weight", 0), ("ln1.b", "ln1.bias", 0), ("attn.w_qkv", "qkv.weight", 1),
+                                ("attn.b_qkv", "qkv.bias", 0), ("attn.w_proj", "proj.weight", 1),
+                                ("attn.b_proj", "proj.bias", 0), ("ln2.g", "ln2.weight", 0), ("ln2.b", "ln2.bias", 0),
+                                ("mlp.w_fc", "fc.weight", 1), ("mlp.b_fc", "fc.bias", 0),
+                                ("mlp.w_proj", "mlp_proj.weight", 1), ("mlp.b_proj", "mlp_proj.bias", 0)]:
+            names[f"h{l}.{ours}"] = (f"blocks.{l}.{theirs}", bool(t))
+    return names
+
+
+def build(cfg):
+    """The GPT as torch modules, float64: a ModuleDict whose names NAMES maps minirlhf's onto."""
+    nn, C = torch.nn, cfg.n_embd
+    block = lambda: nn.ModuleDict({"ln1": nn.LayerNorm(C), "qkv": nn.Linear(C, 3 * C), "proj": nn.Linear(C, C),  # noqa
+                                   "ln2": nn.LayerNorm(C), "fc": nn.Linear(C, 4 * C), "mlp_proj": nn.Linear(4 * C, C)})
+    return nn.ModuleDict({"wte": nn.Embedding(cfg.vocab_size, C), "wpe": nn.Embedding(cfg.n_ctx, C),
+                          "blocks": nn.ModuleList([block() for _ in range(cfg.n_layer)]),
+                          "ln_f": nn.LayerNorm(C)}).double()
+
+
+def load(model, cfg, params):
+    """Copy minirlhf's parameters into the model by name (W.T into each nn.Linear weight)."""
+    named = dict(model.named_parameters())
+    names = NAMES(cfg)
+    assert {theirs for theirs, _ in names.values()} == set(named), "every parameter loaded, none left over"
+    with torch.no_grad():  # copy_ in place: load_state_dict does the same, 6x slower at this size
+        for ours, (theirs, transposed) in names.items():
+            named[theirs].copy_(torch.from_numpy(params[ours].T if transposed else params[ours]))
+
+
+def hidden(model, cfg, tokens, mask):
+    """Final hidden states (B, T, C): positions cumsum(mask) - mask, pre-LN blocks, no dropout."""
+    B, T = tokens.shape
+    H, C = cfg.n_head, cfg.n_embd
+    eye = torch.eye(T, dtype=torch.bool)
+    allowed = (torch.tril(torch.ones(T, T, dtype=torch.bool)) & (mask[:, None, None, :] > 0)) | eye  # (B, 1, T, T)
+    x = model["wte"](tokens) + model["wpe"](mask.cumsum(1) - mask)
+    for b in model["blocks"]:
+        q, k, v = b["qkv"](b["ln1"](x)).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # softmax(q k^T / sqrt(D)) v
+        x = x + b["proj"](y.transpose(1, 2).reshape(B, T, C))
+        x = x + b["mlp_proj"](F.gelu(b["fc"](b["ln2"](x)), approximate="tanh"))
+    return model["ln_f"](x)
+
+
+def logits_of(model, cfg, tokens, mask):
+    return hidden(model, cfg, tokens, mask) @ model["wte"].weight.T  # the tied LM head
+
+
+def token_logprobs(logits, targets, temperature):
+    return F.log_softmax(logits / temperature, dim=-1).gather(-1, targets[..., None])[..., 0]
+
+
+def policy_loss(logp, logp_old, advantages, mask, clip_eps):
+    valid = mask > 0
+    ratio = torch.exp(torch.where(valid, logp - logp_old, 0.0))  # padding zeroed before exp
+    adv = torch.where(valid, advantages, 0.0)
+    loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps))
+    return loss.sum() / valid.sum()
+
+
+def value_loss(values, values_old, returns, mask, clip_eps, vf_coef):
+    valid = mask > 0
+    v, v_old, R = (torch.where(valid, x, 0.0) for x in (values, values_old, returns))
+    v_clip = torch.clamp(v, v_old - clip_eps, v_old + clip_eps)
+    return vf_coef * 0.5 * torch.maximum((v - R) ** 2, (v_clip - R) ** 2).sum() / valid.sum()
+
+
+def bt_loss(r_chosen, r_rejected):
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+# ---------------------------------------------------------------- the kit's calling convention
+
+def as_torch(kw, grad):
+    """NumPy inputs -> tensors (float64 ones in `grad` require grad; ints -> int64); scalars unchanged."""
+    out = {}
+    for k, v in kw.items():
+        if isinstance(v, np.ndarray):
+            t = torch.from_numpy(np.array(v))
+            out[k] = t.long() if v.dtype.kind in "iub" else t.requires_grad_(k in grad)
+        else:
+            out[k] = v
+    return out
+
+
+def pair(fn, grad):
+    """(forward, vjp) of a function on tensors, for the kit: NumPy in, NumPy out, autograd for the vjp."""
+    def forward(**kw):
+        return fn(**as_torch(kw, ())).detach().numpy()
+
+    def vjp(dout, **kw):
+        t = as_torch(kw, grad)
+        out = fn(**t)
+        g = torch.autograd.grad(out, [t[k] for k in grad], torch.as_tensor(dout, dtype=out.dtype))
+        return {k: x.numpy() for k, x in zip(grad, g)}
+    return forward, vjp
+
+
+def run_model(model, cfg, params, tokens, mask, head):
+    """Load params and run: logits (head None) or a value at every position (head "value", which adds the
+    leaves head.w, head.b). Returns (output tensor, {name: head leaf})."""
+    load(model, cfg, params)
+    tokens, mask = torch.from_numpy(np.asarray(tokens)), torch.from_numpy(np.asarray(mask))
+    if head is None:
+        return logits_of(model, cfg, tokens, mask), {}
+    w, b = (torch.from_numpy(np.array(params[k])).requires_grad_() for k in ("head.w", "head.b"))
+    return hidden(model, cfg, tokens, mask) @ w + b, {"head.w": w, "head.b": b}
+
+
+def grads_of(model, cfg, leaves):
+    """The gradients autograd left on the model (and head leaves), under minirlhf's names and layouts."""
+    named = dict(model.named_parameters())
+    grads = {ours: (named[theirs].grad.T if t else named[theirs].grad).numpy().copy()
+             for ours, (theirs, t) in NAMES(cfg).items()}
+    return {**grads, **{k: v.grad.numpy() for k, v in leaves.items()}}
+
+
+def model_pair(cfg, head):
+    """(forward, vjp) of the LM (head=None), or of the value model (head="value"), for the kit."""
+    model = build(cfg)
+
+    def forward(params, tokens, mask):
+        with torch.no_grad():
+            return run_model(model, cfg, params, tokens, mask, head)[0].numpy()
+
+    def vjp(dout, params, tokens, mask):
+        model.zero_grad()
+        out, leaves = run_model(model, cfg, params, tokens, mask, head)
+        out.backward(torch.from_numpy(np.asarray(dout)))
+        return {"params": grads_of(model, cfg, leaves)}
+    return forward, vjp
+
+
+def ppo_minibatch_pair(cfg):
+    """Both PPO losses of a minibatch through the policy and the value model, and, by one backward of their
+    sum, both networks' gradients (the fixture's convention: its vjp ignores dout)."""
+    models = build(cfg), build(cfg)
+
+    def run(policy, value, seq, seq_mask, P, tokens, mask, logp_old, values_old, advantages, returns,
+            temperature, clip_eps, vf_clip_eps, vf_coef):
+        t = lambda x: torch.from_numpy(np.asarray(x))  # noqa: E731
+        N = tokens.shape[1]
+        for m in models:
+            m.zero_grad()
+        logits, _ = run_model(models[0], cfg, policy, seq, seq_mask, None)  # (B, P + N, V)
+        v_all, leaves = run_model(models[1], cfg, value, seq, seq_mask, "value")  # (B, P + N)
+        logp = token_logprobs(logits[:, P - 1:-1], t(tokens), temperature)  # position P - 1 + t: token t
+        lp = policy_loss(logp, t(logp_old), t(advantages), t(mask), clip_eps)
+        lv = value_loss(v_all[:, P - 1:P - 1 + N], t(values_old), t(returns), t(mask), vf_clip_eps, vf_coef)
+        return lp, lv, leaves
+
+    def forward(**kw):
+        lp, lv, _ = run(**kw)
+        return {"loss_policy": lp.detach().numpy(), "loss_value": lv.detach().numpy()}
+
+    def vjp(dout, **kw):
+        lp, lv, leaves = run(**kw)
+        (lp + lv).backward()
+        return {"policy": grads_of(models[0], cfg, {}), "value": grads_of(models[1], cfg, leaves)}
+    return forward, vjp
+
+
+# ---------------------------------------------------------------- checking it
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fixtures", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    ap.add_argument("--json", help="write the agreement figures here")
+    args = ap.parse_args(argv)
+    if torch is None:
+        print("torch is not installed: nothing to check (pip install torch to run the port). Exiting cleanly.")
+        return 0
+    from minirlhf import conformance as K, fixtures as FX, transformer as tf
+    from minirlhf.testing import TINY, tiny_model
+    torch.set_num_threads(1)
+    ported = {"transformer": model_pair(TINY, None), "value_model": model_pair(TINY, "value"),
+              "token_logprobs": pair(token_logprobs, ["logits"]), "policy_loss": pair(policy_loss, ["logp"]),
+              "value_loss": pair(value_loss, ["values"]), "bt_loss": pair(bt_loss, ["r_chosen", "r_rejected"])}
+    checks = {"transformer": K.check_transformer, "value_model": K.check_value_model,
+              "token_logprobs": K.check_token_logprobs, "policy_loss": K.check_policy_loss,
+              "value_loss": K.check_value_loss, "bt_loss": K.check_bt_loss}
+    result, failed = {"kit": {}, "fixtures": {}, "direct": {}}, []
+    for name, check in checks.items():
+        try:
+            errors = check(*ported[name])
+            result["kit"][name] = max(errors.values())
+            print(f"kit      {name:15s} | properties ok | worst gradient relative error {max(errors.values()):.1e}")
+        except AssertionError as e:
+            failed.append(f"kit {name}: {e}")
+            print(f"kit      {name:15s} | FAILED: {str(e).splitlines()[0]}")
+    with open(os.path.join(args.fixtures, "index.json")) as f:
+        fcfg = tf.Config(**json.load(f)["config"])
+    on_fixture_cfg = {"transformer": model_pair(fcfg, None), "ppo_minibatch": ppo_minibatch_pair(fcfg)}
+    for name in ("transformer", "token_logprobs", "policy_loss", "value_loss", "bt_loss", "ppo_minibatch"):
+        try:
+            errors = FX.compare(os.path.join(args.fixtures, f"{name}.npz"), *(on_fixture_cfg.get(name) or ported[name]))
+            result["fixtures"][name] = max(errors.values())
+            print(f"fixture  {name:15s} | {len(errors):2d} arrays     | worst max |a - b| / (1 + |b|) "
+                  f"{max(errors.values()):.1e}")
+        except AssertionError as e:
+            failed.append(f"fixture {name}: {e}")
+            print(f"fixture  {name:15s} | FAILED: {str(e).splitlines()[0]}")
+    # logits and every gradient against minirlhf's hand-written backward, on the kit's 2-layer model
+    params, rng = tiny_model(TINY, 7), np.random.default_rng(7)
+    tokens, mask = rng.integers(0, TINY.vocab_size, (3, TINY.n_ctx)), np.ones((3, TINY.n_ctx), np.int64)
+    mask[1, :2] = 0  # left padding
+    logits, cache = tf.forward(params, TINY, tokens, mask)
+    dlogits = rng.standard_normal(logits.shape) * mask[..., None]
+    ours, theirs = tf.backward(dlogits, cache), ported["transformer"][1](dlogits, params, tokens, mask)["params"]
+    real = mask > 0
+    abs_logits = float(np.abs(logits - ported["transformer"][0](params, tokens, mask))[real].max())
+    rel_grads = max(float(np.abs(ours[k] - theirs[k]).max() / np.abs(ours[k]).max()) for k in ours)
+    result["direct"] = {"logits_max_abs_diff": abs_logits, "logits_max_abs": float(np.abs(logits).max()),
+                        "grads_max_diff_over_max_grad": rel_grads}
+    print(f"direct   logits max |diff| {abs_logits:.1e} (max |logit| {np.abs(logits).max():.2f}); gradients max "
+          f"|diff| / max |grad| per parameter {rel_grads:.1e}")
+    if abs_logits > 1e-10 or rel_grads > 1e-10:
+        failed.append("direct agreement worse than 1e-10")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print("all checks passed" if not failed else f"{len(failed)} checks FAILED")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Exact KL and the exact policy gradient, by enumerating every response a tiny transformer can produce.
+
+Responses to the prompt BOS are sequences y = y_1 .. y_n that stop at the first EOS or after H tokens;
+with V token ids (EOS among them, PAD and BOS sampleable like any other id, as in transformer.generate)
+there are S = sum_{n=1..H} (V-1)^(n-1) + (V-1)^H of them: 40 for V = 4, H = 3. The probabilities
+pi(y) = prod_t softmax(logits_t / tau)[y_t] sum to 1 over these S, so every expectation over rollouts
+is a finite sum, computed exactly:
+
+    KL(pi || pi_ref) = sum_y pi(y) (log pi(y) - log pi_ref(y))                      sequence-level KL
+    J(theta)         = sum_y pi(y) (R(y) - beta (log pi(y) - log pi_ref(y)))          the RLHF objective
+    grad J           = sum_y pi(y) (R(y) - beta k1(y)) grad log pi(y),   k1(y) = log pi(y) - log pi_ref(y)
+
+(grad pi = pi grad log pi; the KL's own term -beta sum_y pi grad log pi = -beta grad sum_y pi = 0.)
+A Monte-Carlo estimator is a function f(y) of one rollout, averaged over N rollouts; its exact mean and
+variance are sum_y pi(y) f(y) and sum_y pi(y) |f(y) - mean|^2. The estimators here:
+
+  k1, k2, k3 summed over a rollout's tokens (kl.kl_estimators). sum k1 = log pi(y) - log pi_ref(y), so
+    E[sum k1] = KL; E[sum k3] = KL as well, because E[r_t - 1 | y_<t] = sum_v pi_ref(v | y_<t) - 1 = 0 at
+    every step; E[sum k2] != KL (biased).
+  REINFORCE: f(y) = (R(y) - beta sum_t k1_t) grad log pi(y): unbiased by the formula for grad J. With k3
+    in the reward instead, f = (R - beta sum k3) grad log pi(y) is biased (kl.py's docstring says why).
+  PPO's first step (ratio exactly 1): the clipped loss's gradient is -(1/N_tok) sum_{b,t} A_bt grad log
+    pi(y_bt | y_b,<t) with token rewards r_t = -beta k1_t + R(y) on EOS (kl.token_rewards) and GAE
+    advantages (ppo_objective.gae). Undoing the token mean (times N_tok / N rollouts) gives
+    f(y) = sum_t A_t grad log pi(y_t | y_<t). Its mean is grad J for any lambda when V is the true value
+    V^pi(y_<t) = E[sum_{s >= t} r_s | y_<t] (then E[delta_t | y_<=t] is the true advantage), and for
+    lambda = 1 with any V of the prefix alone (a baseline); V = 0 with lambda < 1 is biased. Whitening
+    (a batch-dependent scale) makes it biased too and is left out.
+"""
+import argparse
+import itertools
+import json
+
+import numpy as np
+from scipy import stats
+
+from . import layers as L
+from . import transformer as tf
+from .kl import kl_estimators, token_rewards
+from .ppo_objective import gae, policy_loss_backward, policy_loss_forward
+from .testing import tiny_model
+from .tokenizer import BOS, EOS, PAD
+
+V, H = 4, 3  # vocabulary (PAD, BOS, EOS, one text token) and the longest response
+CFG = tf.Config(vocab_size=V, n_ctx=H + 1, n_layer=1, n_head=2, n_embd=8)  # BOS + H response tokens
+BETA = 0.1  # KL coefficient of the objective
+
+
+def responses(vocab_size=V, horizon=H):
+    """Every response to BOS: tokens (S, H) with PAD after the end, mask (S, H), ended (S,); by length."""
+    others = [v for v in range(vocab_size) if v != EOS]
+    rows = [list(body) + [EOS] for n in range(horizon) for body in itertools.product(others, repeat=n)]
+    rows += [list(body) for body in itertools.product(others, repeat=horizon)]  # no EOS: cut at H
+    tokens = np.full((len(rows), horizon), PAD, np.int64)
+    mask = np.zeros((len(rows), horizon), np.int64)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)], mask[i, :len(row)] = row, 1
+    return tokens, mask, (tokens == EOS).any(axis=1)
+
+
+def token_logprobs(params, cfg, tokens, mask, temperature=1.0):
+    """log pi(y_t | BOS, y_<t) (S, H), 0 at padding, and the caches that `backprop` needs."""
+    seq = np.hstack([np.full((len(tokens), 1), BOS), tokens])  # BOS y_1 .. y_H, right-padded
+    seq_mask = np.hstack([np.ones((len(tokens), 1), np.int64), mask])
+    logits, cache = tf.forward(params, cfg, seq, seq_mask)
+    logp, lcache = L.token_logprobs_forward(logits[:, :-1], tokens, temperature)  # position t predicts y_t+1
+    return logp * mask, (cache, lcache, mask)
+
+
+def backprop(dlogp, caches):
+    """Gradient of sum(dlogp * logp) with respect to the policy's parameters, dlogp (S, H) per token."""
+    cache, lcache, mask = caches
+    dz = L.token_logprobs_backward(dlogp * mask, lcache)  # (S, H, V)
+    dlogits = np.zeros((dz.shape[0], dz.shape[1] + 1, dz.shape[2]))
+    dlogits[:, :-1] = dz
+    return tf.backward(dlogits, cache)
+
+
+def default_reward(tokens, mask, ended):
+    """R(y): +1 for each text token (id 3), +0.5 for stopping with EOS; a response with no EOS gets the
+    fixed score -1 instead (RLHF_REFERENCE.md)."""
+    return np.where(ended, ((tokens == 3) & (mask > 0)).sum(axis=1) + 0.5, -1.0)
+
+
+def enumerate_all(policy, reference, cfg=CFG, reward=default_reward, beta=BETA, temperature=1.0, horizon=H):
+    """Every response with its probability, log-probs, score and KL terms; the exact KL and objective."""
+    tokens, mask, ended = responses(cfg.vocab_size, horizon)
+    logp, caches = token_logprobs(policy, cfg, tokens, mask, temperature)
+    logp_ref, _ = token_logprobs(reference, cfg, tokens, mask, temperature)
+    p = np.exp(logp.sum(axis=1))  # (S,) pi(y)
+    k1 = logp.sum(axis=1) - logp_ref.sum(axis=1)  # (S,) log pi(y) - log pi_ref(y)
+    scores = reward(tokens, mask, ended)
+    return {"tokens": tokens, "mask": mask, "ended": ended, "p": p, "logp": logp, "logp_ref": logp_ref,
+            "scores": scores, "beta": beta, "caches": caches, "kl": float(p @ k1),
+            "objective": float(p @ (scores - beta * k1))}
+
+
+def exact_gradient(world):
+    """grad J = sum_y pi(y) (R(y) - beta k1(y)) grad log pi(y): REINFORCE's per-token weights under pi."""
+    return backprop(reinforce_weights(world, world["p"]), world["caches"])
+
+
+def reinforce_weights(world, w, kl_term="k1"):
+    """Per-token dlogp of the REINFORCE estimate with row weights w (1/N per sample, or pi(y) for its mean):
+    w_y (R(y) - beta sum_t k_t) at every valid token, k = k1 (the reward's) or k3 (biased)."""
+    k = kl_estimators(world["logp"], world["logp_ref"], world["mask"])[kl_term + "_sum"]
+    return (w * (world["scores"] - world["beta"] * k))[:, None] * world["mask"]
+
+
+def true_values(world):
+    """V^pi(y_<t) = E[sum_{s >= t} r_s | y_<t] at each response position (S, H), r_s the token rewards."""
+    r, _ = token_rewards(world["scores"], world["logp"], world["logp_ref"], world["mask"], world["beta"])
+    to_go = np.cumsum(r[:, ::-1], axis=1)[:, ::-1]  # (S, H) reward-to-go from position t
+    num, den = {}, {}
+    for s, t in zip(*np.nonzero(world["mask"])):
+        prefix = tuple(world["tokens"][s, :t])
+        num[prefix] = num.get(prefix, 0.0) + world["p"][s] * to_go[s, t]
+        den[prefix] = den.get(prefix, 0.0) + world["p"][s]
+    values = np.zeros(r.shape)
+    for s, t in zip(*np.nonzero(world["mask"])):
+        prefix = tuple(world["tokens"][s, :t])
+        values[s, t] = num[prefix] / den[prefix]
+    return values
+
+
+def ppo_weights(world, w, values, lam):
+    """Per-token dlogp of PPO's first-step estimate with row weights w: rewards, GAE (gamma 1), the clipped
+    loss at ratio 1 and its backward, exactly as ppo.py runs them; the loss's token mean is undone."""
+    mask = world["mask"]
+    rewards, _ = token_rewards(world["scores"], world["logp"], world["logp_ref"], mask, world["beta"])
+    advantages, _ = gae(rewards, values, mask, gamma=1.0, lam=lam)
+    _, cache = policy_loss_forward(world["logp"], world["logp"], advantages, mask)  # logp_old = logp: ratio 1
+    dlogp = policy_loss_backward(1.0, cache)  # -A / N_tok: the gradient of the loss we minimise
+    return -dlogp * mask.sum() * w[:, None]
+
+
+def flat(grads):
+    """A parameter dict as one vector, in the fixed order of its keys."""
+    return np.concatenate([g.ravel() for g in grads.values()])
+
+
+def per_response(world, weights_fn):
+    """F (S, P): row y is f(y), the estimator's value on a batch holding only response y."""
+    dlogp = weights_fn(np.ones(len(world["p"])))  # weights are linear in w: one row at a time below
+    return np.stack([flat(backprop(dlogp * (np.arange(len(dlogp)) == s)[:, None], world["caches"]))
+                     for s in range(len(dlogp))])
+
+
+def sample(policy, cfg, n, rng, temperature=1.0, horizon=H):
+    """n rollouts from transformer.generate, as indices into responses(); the sampler itself, KV cache and all."""
+    out = tf.generate(policy, cfg, np.full((n, 1), BOS), np.ones((n, 1), np.int64), horizon, rng, temperature)
+    tokens = np.full((n, horizon), PAD, np.int64)
+    tokens[:, :out["tokens"].shape[1]] = out["tokens"]
+    mask = np.zeros((n, horizon), np.int64)
+    mask[:, :out["mask"].shape[1]] = out["mask"]
+    index = {tuple(t[m > 0]): i for i, (t, m) in enumerate(zip(*responses(cfg.vocab_size, horizon)[:2]))}
+    return np.array([index[tuple(t[m > 0])] for t, m in zip(tokens, mask)])
+
+
+def models(seed=0, gap=0.1):
+    """A policy and a reference near it (the reference plus N(0, gap^2) noise), float64."""
+    reference = tiny_model(CFG, seed, scale=0.5)
+    rng = np.random.default_rng(seed + 1)
+    return {k: v + gap * rng.standard_normal(v.shape) for k, v in reference.items()}, reference
+
+
+def report(seed=0, sizes=(100, 1000, 10000, 100000), temperature=1.0):
+    """Exact KL and gradient, each estimator's exact mean and variance, and Monte-Carlo means from
+    transformer.generate at each sample size (nested prefixes of one sample of max(sizes) rollouts)."""
+    policy, reference = models(seed)
+    world = enumerate_all(policy, reference, temperature=temperature)
+    idx = sample(policy, CFG, max(sizes), np.random.default_rng(seed + 2), temperature)
+    counts = np.bincount(idx, minlength=len(world["p"]))
+    chi2 = stats.chisquare(counts, world["p"] * len(idx))
+    out = {"S": len(world["p"]), "kl_exact": world["kl"], "objective": world["objective"],
+           "sampler_chi2_pvalue": float(chi2.pvalue), "kl": {}, "gradient": {}}
+    k = kl_estimators(world["logp"], world["logp_ref"], world["mask"])
+    for name in ("k1", "k2", "k3"):
+        f = k[name + "_sum"]
+        mean, var = float(world["p"] @ f), float(world["p"] @ (f - world["p"] @ f) ** 2)
+        out["kl"][name] = {"mean": mean, "bias": mean - world["kl"], "variance": var,
+                           "mc_mean": {n: float(f[idx[:n]].mean()) for n in sizes},
+                           "z": {n: float((f[idx[:n]].mean() - world["kl"]) / np.sqrt(var / n)) for n in sizes}}
+    g = flat(exact_gradient(world))
+    V_true = true_values(world)
+    estimators = {"reinforce_k1": lambda w: reinforce_weights(world, w),
+                  "reinforce_k3": lambda w: reinforce_weights(world, w, "k3"),
+                  "ppo_true_values_lam0.95": lambda w: ppo_weights(world, w, V_true, 0.95),
+                  "ppo_zero_values_lam1": lambda w: ppo_weights(world, w, np.zeros_like(V_true), 1.0),
+                  "ppo_zero_values_lam0.95": lambda w: ppo_weights(world, w, np.zeros_like(V_true), 0.95)}
+    for name, fn in estimators.items():
+        F = per_response(world, fn)
+        mean = world["p"] @ F
+        trace_var = float(world["p"] @ ((F - mean) ** 2).sum(axis=1))
+        u = g / np.linalg.norm(g)  # the exact gradient's direction: a scalar projection for a z-test
+        proj_sd = np.sqrt(world["p"] @ (F @ u - mean @ u) ** 2)
+        mc = {n: np.bincount(idx[:n], minlength=len(F)) @ F / n for n in sizes}
+        out["gradient"][name] = {
+            "relative_bias": float(np.linalg.norm(mean - g) / np.linalg.norm(g)), "trace_variance": trace_var,
+            "relative_error": {n: float(np.linalg.norm(m - g) / np.linalg.norm(g)) for n, m in mc.items()},
+            "predicted_error": {n: float(np.sqrt(trace_var / n) / np.linalg.norm(g)) for n in sizes},
+            "z_along_gradient": {n: float((m @ u - g @ u) / (proj_sd / np.sqrt(n))) for n, m in mc.items()}}
+    out["gradient_norm"] = float(np.linalg.norm(g))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Exact KL and policy gradient by enumeration, and the estimators.")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    r = report(args.seed)
+    print(f"{r['S']} responses | exact KL {r['kl_exact']:.6f} | objective {r['objective']:+.6f} | "
+          f"sampler chi-square p {r['sampler_chi2_pvalue']:.3f}")
+    sizes = ", ".join(map(str, r["kl"]["k1"]["mc_mean"]))
+    print(f"estimator | exact mean | bias      | variance | MC mean at N = {sizes}")
+    for name, e in r["kl"].items():
+        print(f"{name:9s} | {e['mean']:.6f}   | {e['bias']:+.2e} | {e['variance']:.5f}  | "
+              + ", ".join(f"{m:.5f}" for m in e["mc_mean"].values()))
+    print(f"gradient |g| = {r['gradient_norm']:.5f}; relative error of the MC mean at N = {sizes}")
+    for name, e in r["gradient"].items():
+        print(f"{name:24s} | bias {e['relative_bias']:.2e} | tr var {e['trace_variance']:.4f} | "
+              + ", ".join(f"{x:.4f}" for x in e["relative_error"].values()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The PyTorch port (demos/port_torch.py) checked with the conformance kit and the fixtures where torch is
+installed (skipped elsewhere), and a clean exit 0 where it is not."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "demos", "port_torch.py")
+
+
+def test_torch_port_agrees_with_minirlhf(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "h5_port_torch.json"
+    run = subprocess.run([sys.executable, SCRIPT, "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "all checks passed" in run.stdout, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    assert set(result["fixtures"]) == {"transformer", "token_logprobs", "policy_loss", "value_loss", "bt_loss",
+                                       "ppo_minibatch"}
+    assert max(result["fixtures"].values()) < 1e-10
+    assert result["direct"]["logits_max_abs_diff"] < 1e-10 and result["direct"]["grads_max_diff_over_max_grad"] < 1e-10
+    assert max(result["kit"].values()) < 1e-5
+
+
+def test_without_torch_the_script_says_so_and_exits_0():
+    code = (f"import runpy, sys; sys.modules['torch'] = None; sys.argv = [{SCRIPT!r}]; "
+            f"runpy.run_path({SCRIPT!r}, run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "torch is not installed" in run.stdout
