@@ -14,6 +14,8 @@ Reading order (each module opens with its math):
     ppo_objective GAE, whitening, the clipped PPO losses
     ppo           rollouts and the PPO update
     demo          the whole pipeline in a minute
+    dpo           direct preference optimisation (and IPO): preferences without a reward model or RL loop
+    best_of_n     sample n, keep the reward model's favourite; its exact KL
 
 For porters (they need the `test` extra, hypothesis):
     testing       finite differences, relative error, hypothesis strategies, naive oracles

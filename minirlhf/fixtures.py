@@ -31,7 +31,7 @@ import zlib
 import numpy as np
 
 from . import layers as L
-from . import kl, optim, ppo, ppo_objective as po, reward
+from . import dpo, kl, optim, ppo, ppo_objective as po, reward
 from . import transformer as tf
 from .conformance import SCORED
 from .testing import assert_close, tiny_model
@@ -118,20 +118,9 @@ def REFERENCE(cfg=CFG):
         "adamw": (adamw_steps, None),
         "ppo_minibatch": (lambda **kw: ppo_minibatch(cfg, **kw)[0], lambda dout, **kw: ppo_minibatch(cfg, **kw)[1]),
     }
-    dpo = dpo_pair()
-    if dpo is not None:
-        table["dpo_loss"] = dpo
+    table["dpo_loss"] = _pair(dpo.dpo_loss_forward, dpo.dpo_loss_backward,
+                              ["logp_chosen", "logp_rejected", "ref_chosen", "ref_rejected"])
     return table
-
-
-def dpo_pair():
-    """minirlhf.dpo's loss in the kit's convention, or None while the module (or the pair) is missing."""
-    try:
-        from . import dpo
-        return _pair(dpo.dpo_loss_forward, dpo.dpo_loss_backward,
-                     ["logp_chosen", "logp_rejected", "ref_chosen", "ref_rejected"])
-    except (ImportError, AttributeError):
-        return None
 
 
 def adamw_steps(params, grads, lr, weight_decay, max_grad_norm):

@@ -1,0 +1,298 @@
+"""The reward-KL frontier: PPO, DPO and best-of-n from one SFT model and one preference set.
+
+    python demos/frontier.py [--run runs/demo] [--json frontier.json] [--plot frontier.png] [--quick]
+
+Every method starts from the SFT model of a finished demo run (`python -m minirlhf.demo --out runs/demo`)
+and is judged on the same unseen prompts by the gold score (which only the simulated world knows) against
+KL(policy || SFT), the price paid in drift from the reference:
+
+  PPO       demo.run_ppo with a fixed KL coefficient, several values, the demo's reward model. That reward
+            model was trained by the demo on ITS OWN comparisons (same annotator, same SFT sampler, other
+            draws), not on the set DPO sees here.
+  DPO       minirlhf.dpo on the pairs of a preference set regenerated here with demo.collect_preferences
+            from the SFT model (fixed seed: the same kind of data the reward model was fitted to), several
+            betas, the SFT model as the frozen reference.
+  best-of-n minirlhf.best_of_n: n SFT samples, the reward model's favourite kept; several n.
+
+Evaluation. PPO and DPO policies go through demo.compare_policies with one seed, so all of them answer the
+same prompts and are compared with the same SFT samples; KL is demo.policy_kl's exact KL along the sampled
+responses (its expectation is the sequence-level KL; the k1 estimate is in the JSON). For best-of-n, the
+same prompts get max(n) SFT samples each: its gold is that of a real best-of-n draw (the first n samples),
+its KL the plug-in measurement of minirlhf.best_of_n from the pooled samples of each distinct prompt, next
+to the analytic log n - (n - 1)/n, an upper bound here. PPO's beta multiplies a KL in nats against a score
+in normalised reward units, DPO's against the reward model's raw (Bradley-Terry logit) units: the same
+trade-off is DPO beta = PPO beta / gain, gain the reward model's normalisation gain (printed).
+
+Best-of-n pays for its gold at inference time (n samples and n reward-model scores per prompt), PPO and
+DPO once, in training; this script compares only gold against KL.
+
+"Gold per nat": every method's frontier is the line from the SFT point (KL 0) through its points sorted by
+KL; the table at the end reads each one at a few KL budgets, and names the method with the most gold there
+and, averaged over the budgets all three reach, overall (with the standard error as a yardstick of noise).
+The DPO note at the end reads the puzzle (chosen log-probs fall while the margin grows) off the logged
+history; demos/dpo_puzzle.py explains it from the gradient.
+
+Measured on runs/demo (seeds 0 and 1, about 5 minutes each): averaged over 0.25-2 nats the frontiers stand
+BoN +0.61 > DPO +0.52 > PPO +0.49 (seed 0) and BoN +0.56 > PPO +0.55 > DPO +0.37 (seed 1): best-of-n
+leads in both, by less than the noise. All three peak and then lose gold as the KL grows (over-optimising
+the reward model or, for DPO, the preference set): best-of-n at n = 8-16, PPO at beta 0.15, DPO at its
+largest beta, 1; at beta 0.03 DPO ends below the SFT model with 9-25% of its answers broken. The
+measured best-of-n KL is below log n - (n-1)/n, 2.12 against 2.50 nats at n = 32: responses repeat.
+"""
+import argparse
+import os
+import time
+
+import minirlhf  # noqa: F401  (first: one BLAS thread before NumPy loads)
+import numpy as np
+
+from minirlhf import demo
+from minirlhf.best_of_n import NO_EOS_SCORE, evaluate_best_of_n, score_samples
+from minirlhf.dpo import DPOConfig, preference_pairs, train_dpo
+from minirlhf.kl import KLControllerConfig
+from minirlhf.sft import sample_responses
+from minirlhf.world import behaviour, gold, sample_prompts
+
+# Settings of the full run and of --quick (a smoke test of a few seconds; its numbers mean nothing).
+PRESETS = {
+    "full": {"labels": 1500, "ppo_coefs": [0.5, 0.15, 0.05, 0.02], "ppo_updates": 40,
+             "dpo_betas": [1.0, 0.3, 0.1, 0.03], "dpo_steps": 300, "dpo_batch": 16, "dpo_lr": 1e-4,
+             "bon_ns": [1, 2, 4, 8, 16, 32], "eval_prompts": 400, "budgets": [0.25, 0.5, 1.0, 2.0, 4.0]},
+    "quick": {"labels": 24, "ppo_coefs": [0.5, 0.05], "ppo_updates": 1,
+              "dpo_betas": [1.0, 0.1], "dpo_steps": 3, "dpo_batch": 8, "dpo_lr": 1e-4,
+              "bon_ns": [1, 2, 4], "eval_prompts": 24, "budgets": [0.1, 1.0]},
+}
+
+
+BROKEN = ("empty", "gibberish", "no_eos")  # behaviour labels of a response that is not an answer at all
+
+
+def copy(params):
+    return {k: v.copy() for k, v in params.items()}
+
+
+def every(k, log=print):
+    """A log function that prints every k-th line it is given."""
+    count = [0]
+
+    def f(line):
+        count[0] += 1
+        if count[0] % k == 0:
+            log(line)
+    return f
+
+
+def gold_stats(prompts, samples):
+    """Mean gold, its standard error and the fraction of broken responses (empty, gibberish or no EOS)."""
+    g = np.array([gold(p, s, e) for p, (s, e) in zip(prompts, samples)])
+    broken = np.mean([behaviour(p, s, e) in BROKEN for p, (s, e) in zip(prompts, samples)])
+    return {"gold": float(g.mean()), "gold_se": float(g.std() / np.sqrt(len(g))), "broken": float(broken)}
+
+
+def evaluate_policy(policy, run, seed, n):
+    """Gold, KL and the rest for one trained policy, on the evaluation prompts (the same for every call)."""
+    c = demo.compare_policies(policy, run["sft"], run["reward_model"], run["norm"], run["val_prompts"],
+                              np.random.default_rng(seed), n=n)
+    return {**gold_stats(c["prompts"], c["samples"]), "kl": c["kl_exact"], "kl_k1": c["kl"],
+            "score": c["rm_after"], "win_rate": c["win_rate"]["rate"],
+            "sft": gold_stats(c["prompts"], c["ref_samples"]),
+            "preferred_rate": c["after"]["all"]["preferred_rate"]}
+
+
+def frontier_at(points, sft_gold, budget):
+    """Gold of a method's frontier at a KL budget: linear between (0, sft_gold) and its points sorted by KL,
+    keeping the best gold reached at or below each KL; None beyond its largest KL."""
+    pts = sorted((p["kl"], p["gold"]) for p in points)
+    if not pts or budget > pts[-1][0]:
+        return None
+    xs, ys = [0.0], [sft_gold]
+    for kl, g in pts:
+        if kl > xs[-1]:
+            xs.append(kl)
+            ys.append(max(g, ys[-1]))  # a frontier never falls: spend less KL and keep the better point
+    return float(np.interp(budget, xs, ys))
+
+
+def dpo_puzzle(history, window=20):
+    """Mean chosen / rejected log-prob and margin over the first and last `window` logged steps."""
+    w = min(window, len(history))
+
+    def mean(key, part):
+        return float(np.mean([h[key] for h in part]))
+    first, last = history[:w], history[-w:]
+    return {k: {"first": mean(k, first), "last": mean(k, last)}
+            for k in ("logps/chosen", "logps/rejected", "rewards/margins", "rewards/chosen", "rewards/accuracies")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default="runs/demo", help="finished demo run to start from (default runs/demo)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every generator used here (default 0)")
+    ap.add_argument("--quick", action="store_true", help="a few seconds, for the test; numbers meaningless")
+    ap.add_argument("--json", help="write every number here")
+    ap.add_argument("--plot", help="save the figure here (needs matplotlib; skipped without it)")
+    args = ap.parse_args(argv)
+    cfg = PRESETS["quick" if args.quick else "full"]
+    if not os.path.exists(os.path.join(args.run, "reward.npz")):
+        ap.error(f"no finished demo run in {args.run}: make one with python -m minirlhf.demo --out {args.run}")
+    t0 = time.perf_counter()
+    run = demo.load_run(args.run)
+    sft, model, gain = run["sft"], run["cfg"], run["norm"][0]
+    seeds = {name: args.seed * 100 + i for i, name in enumerate(["preferences", "eval", "ppo", "dpo", "bon"])}
+
+    cmp = demo.collect_preferences(sft, run["train_prompts"], cfg["labels"],
+                                   np.random.default_rng(seeds["preferences"]))
+    pairs = preference_pairs(cmp)
+    print(f"frontier from {args.run}: {len(run['train_prompts'])} train / {len(run['val_prompts'])} unseen "
+          f"prompts; "
+          f"preference set regenerated (seed {seeds['preferences']}): {len(cmp)} prompts x {demo.K} SFT samples, "
+          f"{len(pairs)} pairs of different ended responses for DPO")
+    print(f"the reward model (PPO, best-of-n) is the run's own, trained on the demo's comparisons; "
+          f"normalisation gain {gain:.3f}, so PPO beta b matches DPO beta b / {gain:.3f}")
+    points, histories = [], {}
+
+    def report(p):
+        points.append(p)
+        print(f"  -> {p['method']:<4} {p['setting']:<10} gold {p['gold']:+.3f} | kl {p['kl']:.3f} | "
+              f"score {p['score']:+.3f} | {p['seconds']:.1f} s", flush=True)
+
+    print("\n== PPO, fixed KL coefficient ==")
+    for coef in cfg["ppo_coefs"]:
+        t = time.perf_counter()
+        policy = copy(sft)
+        demo.run_ppo(policy, sft, run["reward_model"], run["norm"], run["train_prompts"], cfg["ppo_updates"],
+                     KLControllerConfig(beta=coef), np.random.default_rng(seeds["ppo"]), log=every(10))
+        report({"method": "PPO", "setting": f"beta={coef:g}", "beta": coef,
+                **evaluate_policy(policy, run, seeds["eval"], cfg["eval_prompts"]),
+                "seconds": time.perf_counter() - t})
+
+    print("\n== DPO on the regenerated preference pairs ==")
+    for beta in cfg["dpo_betas"]:
+        t = time.perf_counter()
+        policy = copy(sft)
+        dcfg = DPOConfig(beta=beta, steps=cfg["dpo_steps"], batch_size=cfg["dpo_batch"], lr=cfg["dpo_lr"],
+                         warmup_steps=min(10, cfg["dpo_steps"] - 1), log_every=max(1, cfg["dpo_steps"] // 3))
+        histories[beta] = train_dpo(policy, sft, model, pairs, dcfg, np.random.default_rng(seeds["dpo"]))
+        report({"method": "DPO", "setting": f"beta={beta:g}", "beta": beta,
+                **evaluate_policy(policy, run, seeds["eval"], cfg["eval_prompts"]),
+                "seconds": time.perf_counter() - t})
+
+    print("\n== best-of-n from the SFT model ==")
+    t = time.perf_counter()
+    prompts = sample_prompts(run["val_prompts"], cfg["eval_prompts"], np.random.default_rng(seeds["eval"]))
+    m = max(cfg["bon_ns"])
+    texts = [p.text for p in prompts for _ in range(m)]
+    samples = sample_responses(sft, model, texts, np.random.default_rng(seeds["bon"]))
+    scores = score_samples(run["reward_model"], model, run["norm"], texts, samples, NO_EOS_SCORE).reshape(-1, m)
+    golds = np.array([gold(x, s, e) for x, (s, e) in zip(texts, samples)]).reshape(-1, m)
+    bon = evaluate_best_of_n(scores, golds, [p.text for p in prompts], cfg["bon_ns"])
+    per_prompt = len(prompts) * m / len({p.text for p in prompts})
+    print(f"{len(prompts)} prompts x {m} SFT samples; the KL is measured on the pooled samples of each distinct "
+          f"prompt ({per_prompt:.0f} on average); {time.perf_counter() - t:.1f} s")
+    for n, b in bon.items():
+        kept = [samples[i * m + int(np.argmax(scores[i, :n]))] for i in range(len(prompts))]
+        report({"method": "BoN", "setting": f"n={n}", "n": n, **gold_stats(prompts, kept),
+                "gold_law": b["gold_law"], "kl": b["kl"], "kl_half": b["kl_half"], "kl_bound": b["kl_bound"],
+                "score": b["score"], "seconds": 0.0})
+        assert points[-1]["gold"] == b["gold"]  # the same draws as evaluate_best_of_n's
+
+    sft_gold, se = points[0]["sft"]["gold"], float(np.median([p["gold_se"] for p in points]))
+    print(f"\n== the frontier: gold against KL(policy || SFT) on {cfg['eval_prompts']} unseen prompts ==\n"
+          f"SFT: gold {sft_gold:+.3f} +- {points[0]['sft']['gold_se']:.3f}, "
+          f"broken {points[0]['sft']['broken']:.2f} "
+          f"(+- one standard error; broken: empty, gibberish or no EOS)")
+    print(f"{'method':<6} {'setting':<10} {'gold':>7} {'+-':>5} {'+gold':>7} {'KL':>6} {'+gold/KL':>8} "
+          f"{'score':>6} {'broken':>6}  notes")
+    for p in points:
+        gain_gold = p["gold"] - sft_gold
+        rate = f"{gain_gold / p['kl']:8.2f}" if p["kl"] > 1e-3 else f"{'-':>8}"
+        notes = (f"KL bound {p['kl_bound']:.3f}, KL from half the samples {p['kl_half']:.3f}, "
+                 f"gold of the law {p['gold_law']:+.3f}" if p["method"] == "BoN"
+                 else f"k1 {p['kl_k1']:.3f}, win rate {p['win_rate']:.2f}")
+        print(f"{p['method']:<6} {p['setting']:<10} {p['gold']:+7.3f} {p['gold_se']:5.3f} {gain_gold:+7.3f} "
+              f"{p['kl']:6.3f} {rate} {p['score']:+6.3f} {p['broken']:6.2f}  {notes}")
+
+    methods = ["PPO", "DPO", "BoN"]
+    at = {b: {mth: frontier_at([p for p in points if p["method"] == mth], sft_gold, b) for mth in methods}
+          for b in cfg["budgets"]}
+    print("\nbest gold reached with at most this much KL (each method's points joined by straight lines, from SFT "
+          "at KL 0; '-' beyond its largest KL):")
+    print(f"{'KL':>6} " + " ".join(f"{mth:>7}" for mth in methods) + "  most gold")
+    for b, row in at.items():
+        reached = {mth: g for mth, g in row.items() if g is not None}
+        print(f"{b:6.2f} " + " ".join(f"{g:+7.3f}" if g is not None else f"{'-':>7}" for g in row.values())
+              + f"  {max(reached, key=reached.get) if reached else '-'}")
+    common = [b for b, row in at.items() if all(g is not None for g in row.values())]
+    mean_at = {mth: float(np.mean([at[b][mth] for b in common])) for mth in methods} if common else {}
+    ranking = sorted(mean_at, key=mean_at.get, reverse=True)
+    per_nat = {mth: max((p["gold"] - sft_gold) / p["kl"] for p in points if p["method"] == mth and p["kl"] > 1e-3)
+               for mth in methods if any(p["method"] == mth and p["kl"] > 1e-3 for p in points)}
+    print("steepest single point, gold gained per nat: " + ", ".join(f"{m} {r:+.2f}" for m, r in per_nat.items())
+          + " (every frontier is steepest near KL 0, so compare at equal KL, as above)")
+    if common:
+        lead = mean_at[ranking[0]] - mean_at[ranking[1]]
+        answer = (f"{ranking[0]} buys the most gold per nat of KL here: averaged over the budgets all three reach "
+                  f"({', '.join(f'{b:g}' for b in common)} nats) the frontiers stand "
+                  + " > ".join(f"{m} {mean_at[m]:+.3f}" for m in ranking)
+                  + f"; its lead over {ranking[1]}, {lead:.3f}, is "
+                  + ("larger" if lead > 2 * se else "smaller")
+                  + f" than two standard errors of one mean gold ({2 * se:.3f}), a rough yardstick of the noise")
+    else:
+        answer = "no budget is reached by all three methods: see the table"
+    print("answer: " + answer)
+
+    puzzle = {beta: dpo_puzzle(h) for beta, h in histories.items()}
+    print("\nDPO puzzle (mean over the first and last 20 logged steps): chosen log-prob, rejected log-prob, margin")
+    for beta, pz in puzzle.items():
+        c, r, mg = pz["logps/chosen"], pz["logps/rejected"], pz["rewards/margins"]
+        verdict = "chosen FELL while the margin grew" if c["last"] < c["first"] and mg["last"] > mg["first"] else \
+            "no fall of the chosen log-prob with a growing margin"
+        print(f"  beta {beta:<5g} chosen {c['first']:8.3f} -> {c['last']:8.3f} | rejected {r['first']:8.3f} -> "
+              f"{r['last']:8.3f} | margin {mg['first']:+.3f} -> {mg['last']:+.3f}  {verdict}")
+    print("  why: the gradient, -beta sigmoid(-u) (grad log pi(y_w) - grad log pi(y_l)), sees only the\n"
+          "  difference; a step moves a chosen log-prob by <g_w, sum over pairs of (g_w - g_l)>, negative when\n"
+          "  the response resembles those rejected elsewhere, or when g_w and g_l align and the rejected one is\n"
+          "  the larger (it grows as the rejected answers fall); the margin grows regardless. Measured in\n"
+          "  python demos/dpo_puzzle.py; the derivation is in the docstring of minirlhf/dpo.py.")
+    print(f"total {time.perf_counter() - t0:.1f} s")
+
+    result = {"run": args.run, "seed": args.seed, "quick": args.quick, "settings": cfg, "sft_gold": sft_gold,
+              "reward_norm_gain": gain, "pairs": len(pairs), "points": points, "frontier_at": at,
+              "frontier_mean": mean_at, "answer": answer,
+              "dpo_history": {str(b): h for b, h in histories.items()},
+              "dpo_puzzle": {str(b): v for b, v in puzzle.items()}}
+    if args.json:
+        demo.write_json(args.json, result)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(points, sft_gold, args.plot)
+    return result
+
+
+def plot(points, sft_gold, path):
+    """Gold against KL, one line per method; skipped with a message when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no figure written to {path}")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for mth, marker in (("PPO", "o"), ("DPO", "s"), ("BoN", "^")):
+        pts = sorted((p["kl"], p["gold"], p["setting"]) for p in points if p["method"] == mth)
+        ax.plot([0] + [k for k, _, _ in pts], [sft_gold] + [g for _, g, _ in pts], marker=marker, label=mth)
+        for k, g, s in pts:
+            ax.annotate(s, (k, g), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    bon = sorted((p["kl_bound"], p["gold"]) for p in points if p["method"] == "BoN")
+    ax.plot([k for k, _ in bon], [g for _, g in bon], ls=":", color="grey", label="BoN at log n - (n-1)/n")
+    ax.set_xlabel("KL(policy || SFT), nats per response")
+    ax.set_ylabel("gold score, unseen prompts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
