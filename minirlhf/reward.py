@@ -193,7 +193,7 @@ def loss_and_grads(params, cfg, comparisons, rm_cfg):
     valid[slots[:, 0], slots[:, 1]] = True
     loss, lcache = ranking_loss_forward(rewards, valid, rm_cfg.margin, rm_cfg.center_coef)
     drewards = ranking_loss_backward(1.0, lcache)
-    return loss, reward_backward(drewards[slots[:, 0], slots[:, 1]], cache)
+    return float(loss), reward_backward(drewards[slots[:, 0], slots[:, 1]], cache)
 
 
 def score(params, cfg, prompts, responses, norm=None, batch_size=256):
