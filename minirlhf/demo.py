@@ -40,8 +40,8 @@ from .world import (FAMILIES, HEADLINE, all_prompts, behaviour_metrics, format_b
 
 MODEL = tf.Config(vocab_size=VOCAB_SIZE, n_ctx=64, n_layer=2, n_head=4, n_embd=64)  # the demo-sized GPT
 # Step counts of the default run and of --quick; each can be overridden by its flag.
-PRESETS = {"default": {"sft_steps": 1000, "rm_steps": 200, "ppo_updates": 40, "labels": 1500},
-           "quick": {"sft_steps": 400, "rm_steps": 60, "ppo_updates": 12, "labels": 600}}
+PRESETS = {"default": {"sft_steps": 1000, "rm_steps": 200, "ppo_updates": 30, "labels": 1500},
+           "quick": {"sft_steps": 300, "rm_steps": 40, "ppo_updates": 8, "labels": 400}}
 K = 4  # responses ranked per prompt (InstructGPT used 4 to 9)
 EVAL_PROMPTS = 200  # unseen prompts for the before/after comparison
 ANNOTATOR = AnnotatorConfig(temperature=0.5)  # a utility gap of 1 is preferred 88% of the time
@@ -168,7 +168,7 @@ def run_reward_model(policy, train_prompts, train_cmp, val_cmp, steps, rng, anno
     Returns (reward_params, norm, history)."""
     reward_model = init_reward_params(policy, MODEL, rng)
     cfg = RewardConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=min(10, steps - 1),
-                       eval_every=max(1, steps // 3))
+                       eval_every=max(1, steps // 2))
     hist = train_reward_model(reward_model, MODEL, train_cmp, val_cmp, cfg, annotator, rng, log=log)
     prompts = sample_prompts(train_prompts, 256, rng)
     ended = [(p.text, s) for p, (s, e) in zip(prompts, sample_responses(policy, MODEL, [p.text for p in prompts],

@@ -31,12 +31,16 @@ Weights are x @ W (W is (in, out)), so a PyTorch nn.Linear weight is W.T. Init a
 residual projections N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorm gains 1.
 
 The trunk (`hidden_forward` / `hidden_backward`) is public so a scalar head (reward, value) can sit on it
-without copying the transformer; `forward` / `backward` add the tied LM head.
+without copying the transformer; `forward` / `backward` add the tied LM head. The math is in
+`_trunk_forward` / `_trunk_backward` and `_lm_forward` / `_lm_backward`, read top to bottom. The public
+functions run them on a big batch as two halves on two threads and add the halves' gradients (fast.py
+says what that buys, tests/test_fast_paths.py that it agrees with one whole batch).
 """
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import fast
 from . import layers as L
 from .tokenizer import EOS, PAD
 
@@ -111,10 +115,8 @@ def check_tokens(cfg, tokens, mask=None):
 
 # ---------------------------------------------------------------- trunk
 
-def hidden_forward(params, cfg, tokens, mask=None):
-    """tokens (B, T), mask (B, T) 0/1 or None (all real) -> final hidden states h (B, T, C), cache."""
-    tokens = check_tokens(cfg, tokens, mask)
-    mask = np.ones(tokens.shape, np.int64) if mask is None else np.asarray(mask)
+def _trunk_forward(params, cfg, tokens, mask):
+    """The trunk on checked tokens and a mask: h (B, T, C) and the cache `_trunk_backward` needs."""
     pos = positions_from_mask(mask)
     allowed = L.attention_mask(mask)  # (B, 1, T, T)
     x_tok, c_tok = L.embedding_forward(params["wte"], tokens)
@@ -138,8 +140,8 @@ def hidden_forward(params, cfg, tokens, mask=None):
     return h, (cfg, c_tok, c_pos, blocks, c_lnf)
 
 
-def hidden_backward(dh, cache):
-    """dLoss/dh (B, T, C) -> grads for every trunk parameter (wte gets the lookup's part only)."""
+def _trunk_backward(dh, cache):
+    """Undoes `_trunk_forward`: dLoss/dh -> grads for every trunk parameter."""
     cfg, c_tok, c_pos, blocks, c_lnf = cache
     g = {}
     dx, g["ln_f.g"], g["ln_f.b"] = L.layernorm_backward(dh, c_lnf)
@@ -165,21 +167,66 @@ def hidden_backward(dh, cache):
 
 # ---------------------------------------------------------------- language model
 
-def forward(params, cfg, tokens, mask=None):
-    """tokens (B, T) -> logits (B, T, V) for the next token at every position, cache."""
-    h, c_trunk = hidden_forward(params, cfg, tokens, mask)
+def _lm_forward(params, cfg, tokens, mask):
+    """The trunk and the tied LM head: logits (B, T, V), cache."""
+    h, c_trunk = _trunk_forward(params, cfg, tokens, mask)
     logits = h @ params["wte"].T  # tied LM head
     return logits, (c_trunk, h, params["wte"])
 
 
-def backward(dlogits, cache):
-    """dLoss/dlogits (B, T, V) -> grads with the keys and shapes of params."""
+def _lm_backward(dlogits, cache):
+    """Undoes `_lm_forward`: dLoss/dlogits -> grads for every parameter."""
     c_trunk, h, wte = cache
     C = h.shape[-1]
-    grads = hidden_backward(dlogits @ wte, c_trunk)  # logits = h wte^T
+    grads = _trunk_backward(dlogits @ wte, c_trunk)  # logits = h wte^T
     # wte feeds two places, the lookup and the head: add the head's gradient to the lookup's
     grads["wte"] = grads["wte"] + dlogits.reshape(-1, wte.shape[0]).T @ h.reshape(-1, C)
     return grads
+
+
+# ---------------------------------------------------------------- the public entry points: a batch in parts
+
+def hidden_forward(params, cfg, tokens, mask=None):
+    """tokens (B, T), mask (B, T) 0/1 or None (all real) -> final hidden states h (B, T, C), cache."""
+    return _forward_in_parts(_trunk_forward, params, cfg, tokens, mask)
+
+
+def hidden_backward(dh, cache):
+    """dLoss/dh (B, T, C) -> grads for every trunk parameter (wte gets the lookup's part only)."""
+    return _backward_in_parts(_trunk_backward, dh, cache)
+
+
+def forward(params, cfg, tokens, mask=None):
+    """tokens (B, T) -> logits (B, T, V) for the next token at every position, cache."""
+    return _forward_in_parts(_lm_forward, params, cfg, tokens, mask)
+
+
+def backward(dlogits, cache):
+    """dLoss/dlogits (B, T, V) -> grads with the keys and shapes of params."""
+    return _backward_in_parts(_lm_backward, dlogits, cache)
+
+
+def _forward_in_parts(fn, params, cfg, tokens, mask):
+    """fn(params, cfg, tokens, mask) -> (out, cache) on a big batch's two halves, on two threads.
+
+    Rows never interact, so each half is the whole computation on its rows (fast.py says what this buys).
+    The cache lists (rows, the part's cache).
+    """
+    tokens = check_tokens(cfg, tokens, mask)
+    mask = np.ones(tokens.shape, np.int64) if mask is None else np.asarray(mask)
+    parts = fast.batch_parts(*tokens.shape)
+    outs = fast.run_parts(lambda rows: fn(params, cfg, tokens[rows], mask[rows]), parts)
+    out = outs[0][0] if len(parts) == 1 else np.concatenate([out_part for out_part, _ in outs])
+    return out, [(rows, c_part) for rows, (_, c_part) in zip(parts, outs)]
+
+
+def _backward_in_parts(fn, dout, cache):
+    """Undoes `_forward_in_parts`: fn(dout[rows], part cache) -> grads on each part, summed."""
+    grads = fast.run_parts(lambda part: fn(dout[part[0]], part[1]), cache)
+    total = grads[0]
+    for g in grads[1:]:  # every part uses the same parameters: add the parts' gradients, in a fixed order
+        total = {name: total[name] + g[name] for name in total}
+    return total
 
 
 # ---------------------------------------------------------------- generation with a KV cache
@@ -188,7 +235,7 @@ def _decode(params, cfg, tokens, pos, kv, key_mask, t0):
     """Run new tokens (B, Tn) at cache slots t0 .. t0+Tn-1 and return their logits (B, Tn, V).
 
     kv[l] = (K, V) arrays (B, H, n_ctx, D) filled in place; key_mask (B, n_ctx) marks real slots.
-    The same layer functions as `hidden_forward`; only attention reads keys from the cache.
+    The same layer functions as `_trunk_forward`; only attention reads keys from the cache.
     """
     B, Tn = tokens.shape
     H, C = cfg.n_head, cfg.n_embd
