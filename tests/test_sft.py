@@ -65,3 +65,19 @@ def test_bad_config_and_data():
         sft.train_sft({}, SMALL, [], [("a", "b")], sft.SFTConfig(), np.random.default_rng(0))
     with pytest.raises(ValueError, match="not in the vocabulary"):
         sft.make_batch([("hi", "YO")])
+
+
+def test_the_demo_sft_model_behaves_well_only_part_of_the_time():
+    """The demo's SFT stage (default length): every family's preferred behaviour is neither rare nor the
+    rule, so preferences and PPO have room to improve it."""
+    from minirlhf import demo
+    from minirlhf.world import FAMILIES, behaviour_metrics, sample_prompts
+    rng = np.random.default_rng(0)
+    train, val = split_prompts(all_prompts(), 0.25, rng)
+    policy, history = demo.run_sft(train, val, demo.PRESETS["default"]["sft_steps"], rng, log=lambda s: None)
+    assert history[-1]["val_loss"] < 0.2
+    texts = [p.text for p in sample_prompts(val, 400, rng)]
+    samples = sft.sample_responses(policy, demo.MODEL, texts, rng)
+    metrics = behaviour_metrics(texts, [s for s, _ in samples], [e for _, e in samples])
+    for family in FAMILIES:
+        assert 0.15 <= metrics[family]["preferred_rate"] <= 0.85, (family, metrics[family])
