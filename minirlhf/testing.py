@@ -84,6 +84,28 @@ def check_gradients(f, arrays, analytic, h=1e-3):
     return {name: rel_error(analytic[name], numerical_gradient(f, arrays[name], h)) for name in arrays}
 
 
+def model_gradient_errors(f, params, grads, n_embd, h=1e-3):
+    """Relative error of every parameter's analytic gradient against finite differences of the loss f().
+
+    One exception, checked separately: the key part of each attention bias, b_qkv[C:2C], adds q . b_k to
+    every score of a query's row, and softmax ignores a constant shift, so its true gradient is exactly 0.
+    A relative error there would only compare rounding noise; both gradients must be ~0 instead.
+    Returns dict name -> relative error (the caller asserts its bound: < 1e-5 for whole models).
+    """
+    if grads.keys() != params.keys():
+        raise AssertionError(f"gradient names differ from parameter names: {sorted(set(grads) ^ set(params))}")
+    errors = {}
+    for name in params:
+        analytic, numeric = grads[name], numerical_gradient(f, params[name], h)
+        if name.endswith("attn.b_qkv"):
+            key = np.s_[n_embd:2 * n_embd]
+            if not (np.abs(analytic[key]).max() < 1e-12 and np.abs(numeric[key]).max() < 1e-9):
+                raise AssertionError(f"{name}: the key bias's gradient must be 0 (softmax shift invariance)")
+            analytic, numeric = np.delete(analytic, key), np.delete(numeric, key)
+        errors[name] = rel_error(analytic, numeric)
+    return errors
+
+
 # ---------------------------------------------------------------- hypothesis strategies and tiny models
 
 SEEDS = st.integers(0, 2**32 - 1)
