@@ -42,6 +42,17 @@ def parser(doc):
     return ap
 
 
+def add_pipeline_args(ap):
+    """The reward-model and PPO settings every experiment that retrains both shares (the demo's values)."""
+    ap.add_argument("--val-labels", type=int, default=300, help="held-out ranked prompts for RM accuracy")
+    ap.add_argument("--rm-steps", type=int, default=200, help="reward-model steps (the demo's)")
+    ap.add_argument("--updates", type=int, default=40, help="PPO updates (the table in the README used 40)")
+    ap.add_argument("--lr", type=float, default=2e-4, help="PPO learning rate (the demo's)")
+    ap.add_argument("--beta", type=float, default=0.15, help="fixed KL coefficient (the demo's)")
+    ap.add_argument("--batch-size", type=int, default=64, help="rollouts per PPO update")
+    ap.add_argument("--eval-prompts", type=int, default=400, help="unseen prompts each policy answers")
+
+
 def parse_args(ap, argv, quick):
     """Parse argv; with --quick, the flags in the dict quick take its values (tiny step counts)."""
     args = ap.parse_args(argv)

@@ -41,13 +41,7 @@ def main(argv=None):
     ap.add_argument("--labels", type=int, nargs="+", default=[10, 25, 50, 150, 500, 1500],
                     help="budgets: ranked prompts (K = 4 responses each)")
     ap.add_argument("--seeds", type=int, default=3, help="repetitions with different pools and PPO runs")
-    ap.add_argument("--val-labels", type=int, default=300, help="held-out ranked prompts for RM accuracy")
-    ap.add_argument("--rm-steps", type=int, default=200, help="reward-model steps at every budget (the demo's)")
-    ap.add_argument("--updates", type=int, default=40, help="PPO updates (the demo's)")
-    ap.add_argument("--lr", type=float, default=2e-4, help="PPO learning rate (the demo's)")
-    ap.add_argument("--beta", type=float, default=0.15, help="fixed KL coefficient (the demo's)")
-    ap.add_argument("--batch-size", type=int, default=64, help="rollouts per PPO update")
-    ap.add_argument("--eval-prompts", type=int, default=400, help="unseen prompts each policy answers")
+    C.add_pipeline_args(ap)
     args = C.parse_args(ap, argv, QUICK)
     args.labels = sorted(set(args.labels))
     if min(*args.labels, args.seeds, args.val_labels, args.rm_steps, args.updates, args.eval_prompts) < 1:

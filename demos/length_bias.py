@@ -60,13 +60,7 @@ def main(argv=None):
     ap.add_argument("--length-bias", type=float, nargs="+", default=[0.1, 0.25, 0.5],
                     help="biased annotators' utility per character (an unbiased arm is always added)")
     ap.add_argument("--labels", type=int, default=1500, help="prompts ranked by each annotator (K = 4 each)")
-    ap.add_argument("--val-labels", type=int, default=300, help="held-out ranked prompts for RM accuracy")
-    ap.add_argument("--rm-steps", type=int, default=200, help="reward-model steps (the demo's)")
-    ap.add_argument("--updates", type=int, default=40, help="PPO updates (the demo's)")
-    ap.add_argument("--lr", type=float, default=2e-4, help="PPO learning rate (the demo's)")
-    ap.add_argument("--beta", type=float, default=0.15, help="fixed KL coefficient (the demo's)")
-    ap.add_argument("--batch-size", type=int, default=64, help="rollouts per PPO update")
-    ap.add_argument("--eval-prompts", type=int, default=400, help="unseen prompts each policy answers")
+    C.add_pipeline_args(ap)
     args = C.parse_args(ap, argv, QUICK)
     if min(args.labels, args.val_labels, args.rm_steps, args.updates, args.eval_prompts) < 1 or args.beta < 0:
         ap.error("counts must be >= 1 and --beta >= 0")
