@@ -45,7 +45,8 @@ def parser(doc):
 def add_pipeline_args(ap):
     """The reward-model and PPO settings every experiment that retrains both shares (the demo's values)."""
     ap.add_argument("--val-labels", type=int, default=300, help="held-out ranked prompts for RM accuracy")
-    ap.add_argument("--rm-steps", type=int, default=200, help="reward-model steps (the demo's)")
+    ap.add_argument("--rm-steps", type=int, default=PRESETS["default"]["rm_steps"],
+                    help="reward-model steps (default: the demo's)")
     ap.add_argument("--updates", type=int, default=40, help="PPO updates (the table in the README used 40)")
     ap.add_argument("--lr", type=float, default=2e-4, help="PPO learning rate (the demo's)")
     ap.add_argument("--beta", type=float, default=0.15, help="fixed KL coefficient (the demo's)")

@@ -81,7 +81,8 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1, the reference's)")
     ap.add_argument("--steps", type=int, default=300, help="DPO steps (default 300, as demos/frontier.py)")
     ap.add_argument("--pairs", type=int, default=128, help="training pairs followed before and after")
-    ap.add_argument("--labels", type=int, default=1500, help="prompts in the regenerated preference set")
+    ap.add_argument("--labels", type=int, default=demo.PRESETS["default"]["labels"],
+                    help="prompts in the regenerated preference set (default: the demo's)")
     ap.add_argument("--seed", type=int, default=0, help="as demos/frontier.py's --seed")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args(argv)

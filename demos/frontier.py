@@ -55,7 +55,7 @@ from minirlhf.world import behaviour, gold, sample_prompts
 
 # Settings of the full run and of --quick (a smoke test of a few seconds; its numbers mean nothing).
 PRESETS = {
-    "full": {"labels": 1500, "ppo_coefs": [0.5, 0.15, 0.05, 0.02], "ppo_updates": 40,
+    "full": {"labels": demo.PRESETS["default"]["labels"], "ppo_coefs": [0.5, 0.15, 0.05, 0.02], "ppo_updates": 40,
              "dpo_betas": [1.0, 0.3, 0.1, 0.03], "dpo_steps": 300, "dpo_batch": 16, "dpo_lr": 1e-4,
              "bon_ns": [1, 2, 4, 8, 16, 32], "eval_prompts": 400, "budgets": [0.25, 0.5, 1.0, 2.0, 4.0]},
     "quick": {"labels": 24, "ppo_coefs": [0.5, 0.05], "ppo_updates": 1,

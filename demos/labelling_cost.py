@@ -4,10 +4,11 @@ preference labels the reward model learnt from.
     python demos/labelling_cost.py [--from runs/demo] [--labels 10 25 50 150 500 1500] [--seeds 3]
                                    [--json labelling_cost.json] [--plot labelling_cost.png] [--quick]
 
-The unit. One label is one ranked prompt: the annotator orders K = 4 SFT samples of one prompt
-(InstructGPT's unit of annotator work); as in the demo, about half the labelled prompts are arithmetic (the
-reward model's hardest family). A ranking holds C(4, 2) = 6 pairwise comparisons, fewer when a
-response never emitted EOS (the reward model skips those); the table counts those pairs too.
+The unit. One label is one ranked prompt: the annotator orders the demo's K (8) SFT samples of one prompt
+(InstructGPT's unit of annotator work; the README's table was made when the demo ranked 4); as in the demo,
+about half the labelled prompts are arithmetic (the reward model's hardest family). A ranking holds
+C(K, 2) pairwise comparisons (28 for K = 8), fewer when a response never emitted EOS (the reward model skips
+those); the table counts those pairs too.
 
 Method. Per seed, one pool of ranked prompts from the SFT model and the demo's annotator, and budgets
 taken as its first n rankings, so each budget holds the smaller ones. Per budget: a fresh reward model from
@@ -29,7 +30,7 @@ import _common as C
 import numpy as np
 
 from minirlhf.annotator import scored_pairs
-from minirlhf.demo import ANNOTATOR, LABEL_FAMILY_WEIGHTS, MODEL, collect_preferences, run_reward_model
+from minirlhf.demo import ANNOTATOR, K, LABEL_FAMILY_WEIGHTS, MODEL, collect_preferences, run_reward_model
 from minirlhf.reward import evaluate
 
 QUICK = {"labels": [8, 16], "seeds": 1, "val_labels": 8, "rm_steps": 2, "updates": 2, "batch_size": 8,
@@ -39,7 +40,7 @@ QUICK = {"labels": [8, 16], "seeds": 1, "val_labels": 8, "rm_steps": 2, "updates
 def main(argv=None):
     ap = C.parser(__doc__)
     ap.add_argument("--labels", type=int, nargs="+", default=[10, 25, 50, 150, 500, 1500],
-                    help="budgets: ranked prompts (K = 4 responses each)")
+                    help=f"budgets: ranked prompts (K = {K} responses each)")
     ap.add_argument("--seeds", type=int, default=3, help="repetitions with different pools and PPO runs")
     C.add_pipeline_args(ap)
     args = C.parse_args(ap, argv, QUICK)
@@ -78,7 +79,7 @@ def main(argv=None):
         rows.append({"labels": n, **mean, "gold_gain": float(np.mean(gains)),
                      "gold_gain_each": gains, "runs": rs})
     print(f"\nSFT gold on {len(prompts)} unseen prompts: {sft_gold:+.3f} (+- {sft_eval['gold_se']:.3f}); "
-          f"one label = one prompt's ranking of K = 4 responses; means over {args.seeds} seed(s)")
+          f"one label = one prompt's ranking of K = {K} responses; means over {args.seeds} seed(s)")
     print(C.table([("labels", 6, "d"), ("pairs", 7, ".0f"), ("RM acc", 6, ".3f"), ("ceiling", 7, ".3f"),
                    ("proxy", 7, "+.3f"), ("gold", 7, "+.3f"), ("gain", 7, "+.3f"), ("KL", 6, ".2f"),
                    ("gain per seed", 24, "")],
@@ -97,12 +98,12 @@ def draw(plt, rows):
         a.plot([r["labels"]] * len(r["gold_gain_each"]), r["gold_gain_each"], "o", color="C0", alpha=0.4)
     a.plot(n, [r["gold_gain"] for r in rows], "-", color="C0", label="mean over seeds")
     a.axhline(0, color="grey", linewidth=0.8)
-    a.set(xscale="log", xlabel="labels (ranked prompts, K = 4)", ylabel="gold gain over SFT",
+    a.set(xscale="log", xlabel=f"labels (ranked prompts, K = {K})", ylabel="gold gain over SFT",
           title="what PPO gains, by labelling budget")
     a.legend()
     b.plot(n, [r["rm_accuracy"] for r in rows], "o-", label="reward model")
     b.plot(n, [r["ceiling"] for r in rows], "--", label="annotator ceiling")
-    b.set(xscale="log", xlabel="labels (ranked prompts, K = 4)", ylabel="pairwise accuracy (held out)",
+    b.set(xscale="log", xlabel=f"labels (ranked prompts, K = {K})", ylabel="pairwise accuracy (held out)",
           title="reward-model accuracy")
     b.legend()
     return fig

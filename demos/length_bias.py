@@ -1,12 +1,12 @@
 """Length bias: "human bias in feedback". An annotator who likes long answers teaches the reward model to
 like them, and PPO then lengthens answers while the gold score, which penalises rambling, suffers.
 
-    python demos/length_bias.py [--from runs/demo] [--length-bias 0.1 0.25 0.5] [--labels 1500]
+    python demos/length_bias.py [--from runs/demo] [--length-bias 0.1 0.25 0.5] [--labels 750]
                                 [--json length_bias.json] [--plot length_bias.png] [--quick]
 
 Method. Arms from the same SFT model, the same prompts and the same seeds, differing only in the
 annotator: the demo's (temperature 0.5, no bias) and the same annotator with a length bias b, whose utility
-is gold + b * len(response) (annotator.py). Each arm ranks K = 4 SFT samples for each of --labels prompts
+is gold + b * len(response) (annotator.py). Each arm ranks the demo's K SFT samples for each of --labels prompts
 (the demo's stage 2, arithmetic three times as often; the same random stream in every arm, so the same
 responses are ranked), trains a reward model on its rankings (the demo's stage 3) and runs PPO with the
 demo's settings against it. Gold penalises length,
@@ -31,7 +31,7 @@ import _common as C
 import numpy as np
 
 from minirlhf.annotator import utility
-from minirlhf.demo import ANNOTATOR, LABEL_FAMILY_WEIGHTS, MODEL, collect_preferences, run_reward_model
+from minirlhf.demo import ANNOTATOR, K, LABEL_FAMILY_WEIGHTS, MODEL, PRESETS, collect_preferences, run_reward_model
 from minirlhf.reward import evaluate
 from minirlhf.sft import sample_responses
 from minirlhf.world import CONCISE_CHARS, FAMILIES, behaviour_metrics, gold, gold_breakdown
@@ -59,7 +59,8 @@ def main(argv=None):
     ap = C.parser(__doc__)
     ap.add_argument("--length-bias", type=float, nargs="+", default=[0.1, 0.25, 0.5],
                     help="biased annotators' utility per character (an unbiased arm is always added)")
-    ap.add_argument("--labels", type=int, default=1500, help="prompts ranked by each annotator (K = 4 each)")
+    ap.add_argument("--labels", type=int, default=PRESETS["default"]["labels"],
+                    help=f"prompts ranked by each annotator (K = {K} each; default: the demo's)")
     C.add_pipeline_args(ap)
     args = C.parse_args(ap, argv, QUICK)
     if min(args.labels, args.val_labels, args.rm_steps, args.updates, args.eval_prompts) < 1 or args.beta < 0:

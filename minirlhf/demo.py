@@ -40,15 +40,23 @@ from .world import (FAMILIES, HEADLINE, all_prompts, behaviour_metrics, format_b
 
 MODEL = tf.Config(vocab_size=VOCAB_SIZE, n_ctx=64, n_layer=2, n_head=4, n_embd=64)  # the demo-sized GPT
 # Step counts of the default run and of --quick; each can be overridden by its flag.
-PRESETS = {"default": {"sft_steps": 1000, "rm_steps": 200, "ppo_updates": 30, "labels": 1500},
-           "quick": {"sft_steps": 300, "rm_steps": 40, "ppo_updates": 8, "labels": 400}}
-K = 4  # responses ranked per prompt (InstructGPT used 4 to 9)
+PRESETS = {"default": {"sft_steps": 1000, "rm_steps": 200, "ppo_updates": 30, "labels": 750},
+           "quick": {"sft_steps": 300, "rm_steps": 40, "ppo_updates": 8, "labels": 200}}
+# --full-reward-model: more ranked prompts and steps, and reward_config(full=True); about a minute more.
+FULL_REWARD_MODEL = {"labels": 3000, "rm_steps": 1500}
+# Responses ranked per prompt (InstructGPT used 4 to 9). A ranking of K gives C(K, 2) pairs for K forward
+# passes: 28 for 8 against 6 for 4. Measured: the same 6000 SFT samples ranked 8 at a time (750 prompts)
+# rather than 4 (1500), trained 500 steps of 64 responses at lr 4e-3, took held-out agreement from 92.5% to
+# 95.1% of the annotator's ceiling on one SFT model and from 81.9% to 84.2% on another. With the demo's
+# short recipe the two were within run-to-run noise (87.3-88.0% against 87.4%, mean over seeds 0-4).
+K = 8
 EVAL_PROMPTS = 200  # unseen prompts for the before/after comparison
 ANNOTATOR = AnnotatorConfig(temperature=0.5)  # a utility gap of 1 is preferred 88% of the time
 # SFT sees arithmetic twice as often as each other family: reading the prompt's digit takes the most data.
 SFT_FAMILY_WEIGHTS = {"greeting": 1.0, "arithmetic": 2.0, "unsafe": 1.0, "unknowable": 1.0}
 # The annotator labels arithmetic three times as often: checking "a + 1" is what the reward model finds
-# hardest (measured: 0.58 accuracy against a 0.78 ceiling with uniform labels, 0.66 with this weighting).
+# hardest (measured with K = 4: 0.58 accuracy against a 0.78 ceiling with uniform labels, 0.66 with this
+# weighting).
 LABEL_FAMILY_WEIGHTS = {"greeting": 1.0, "arithmetic": 3.0, "unsafe": 1.0, "unknowable": 1.0}
 
 
@@ -77,11 +85,18 @@ def parse_args(argv=None):
     ap.add_argument("--sft-steps", type=positive_int, help="SFT optimiser steps")
     ap.add_argument("--rm-steps", type=positive_int, help="reward-model optimiser steps")
     ap.add_argument("--ppo-updates", type=positive_int, help="PPO updates (rollout + 4 epochs each)")
-    ap.add_argument("--labels", type=positive_int, help="prompts ranked by the annotator (K = 4 each)")
+    ap.add_argument("--labels", type=positive_int, help=f"prompts ranked by the annotator (K = {K} each)")
+    ap.add_argument("--full-reward-model", action="store_true",
+                    help=f"train the reward model longer ({FULL_REWARD_MODEL['labels']} ranked prompts, "
+                         f"{FULL_REWARD_MODEL['rm_steps']} steps, reward_config(full=True)): closer to the "
+                         f"annotator, and on some seeds it learns to check sums; about a minute more")
     args = ap.parse_args(argv)
     if args.kl_target == 0:
         ap.error("--kl-target must be > 0")
-    for key, value in PRESETS["quick" if args.quick else "default"].items():
+    if args.quick and args.full_reward_model:
+        ap.error("--quick and --full-reward-model do not go together")
+    preset = {**PRESETS["quick" if args.quick else "default"], **(FULL_REWARD_MODEL if args.full_reward_model else {})}
+    for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -163,12 +178,34 @@ def collect_preferences(policy, prompts, n, rng, annotator=ANNOTATOR, k=K, famil
     return sample_comparisons(sample_prompts(prompts, n, rng, family_weights), sampler, k, annotator, rng)
 
 
-def run_reward_model(policy, train_prompts, train_cmp, val_cmp, steps, rng, annotator=ANNOTATOR, log=print):
-    """Stage 3: reward model from the SFT trunk, then its normalisation on 256 fresh SFT samples.
-    Returns (reward_params, norm, history)."""
+def preference_data(policy, train_prompts, val_prompts, labels, rng):
+    """Stage 2 as the demo runs it: `labels` training rankings (arithmetic weighted, LABEL_FAMILY_WEIGHTS)
+    and a fifth as many held-out ones (at least 50), on the unseen prompts with families equally often."""
+    train_cmp = collect_preferences(policy, train_prompts, labels, rng, family_weights=LABEL_FAMILY_WEIGHTS)
+    return train_cmp, collect_preferences(policy, val_prompts, max(50, labels // 5), rng)
+
+
+def reward_config(steps, full=False):
+    """The demo's reward-model recipe for `steps` optimiser steps; full=True gives the full-length recipe.
+
+    Demo (about 4 s): 32 responses a step at lr 1e-3. Over seeds 0-4 it reaches 82-90% of the annotator's
+    ceiling on held-out prompts, and it ranks a right sum above a wrong one in only 0.45-0.67 of pairs.
+    Full (FULL_REWARD_MODEL's label and step counts, about 50 s): 64 responses a step at lr 4e-3 with weight
+    decay 0.1. Checking "a + 1" is learnt late and suddenly, if at all: on some seeds this recipe learns it
+    (0.99 of pairs on seed 0), on others not (0.56 on seed 2). README, "The reward model across seeds"."""
+    if full:
+        return RewardConfig(steps=steps, batch_size=64 // K, lr=4e-3, weight_decay=0.1,
+                            warmup_steps=min(20, steps - 1), eval_every=max(1, steps // 5))
+    return RewardConfig(steps=steps, batch_size=32 // K, lr=1e-3, warmup_steps=min(10, steps - 1),
+                        eval_every=max(1, steps // 2))
+
+
+def run_reward_model(policy, train_prompts, train_cmp, val_cmp, steps, rng, annotator=ANNOTATOR, log=print,
+                     full=False):
+    """Stage 3: reward model from the SFT trunk (recipe: reward_config), then its normalisation on 256
+    fresh SFT samples. Returns (reward_params, norm, history)."""
     reward_model = init_reward_params(policy, MODEL, rng)
-    cfg = RewardConfig(steps=steps, batch_size=8, lr=1e-3, warmup_steps=min(10, steps - 1),
-                       eval_every=max(1, steps // 2))
+    cfg = reward_config(steps, full)
     hist = train_reward_model(reward_model, MODEL, train_cmp, val_cmp, cfg, annotator, rng, log=log)
     prompts = sample_prompts(train_prompts, 256, rng)
     ended = [(p.text, s) for p, (s, e) in zip(prompts, sample_responses(policy, MODEL, [p.text for p in prompts],
@@ -244,25 +281,28 @@ def main(argv=None):
     print(f"sft: {seconds['sft']:.1f} s")
 
     t = rec.stage("2. preference data: SFT samples ranked by the simulated annotator")
-    train_cmp = collect_preferences(policy, train_prompts, args.labels, rng, family_weights=LABEL_FAMILY_WEIGHTS)
-    val_cmp = collect_preferences(policy, val_prompts, max(50, args.labels // 5), rng)
+    train_cmp, val_cmp = preference_data(policy, train_prompts, val_prompts, args.labels, rng)
     n_ended = sum(sum(c.ended) for c in train_cmp)
     print(f"{len(train_cmp)} train and {len(val_cmp)} validation prompts, {K} responses each "
           f"({n_ended / (K * len(train_cmp)):.0%} ended with EOS); annotator temperature {ANNOTATOR.temperature}")
     seconds["preferences"] = time.perf_counter() - t
 
     t = rec.stage("3. reward model (Bradley-Terry on K-way rankings)")
-    reward_model, norm, rm_hist = run_reward_model(policy, train_prompts, train_cmp, val_cmp, args.rm_steps, rng)
+    reward_model, norm, rm_hist = run_reward_model(policy, train_prompts, train_cmp, val_cmp, args.rm_steps, rng,
+                                                   full=args.full_reward_model)
     for h in rm_hist:
         rec.record(h)
     save_checkpoint(os.path.join(args.out, "reward.npz"), reward_model, MODEL,
                     info={"stage": "reward_model", "gain": norm[0], "bias": norm[1]})
     rm_eval = evaluate(reward_model, MODEL, val_cmp, ANNOTATOR)
     seconds["reward_model"] = time.perf_counter() - t
-    print(f"reward model: val accuracy {rm_eval['accuracy']:.3f}, annotator ceiling {rm_eval['ceiling']:.3f} "
-          f"({rm_eval['accuracy'] / rm_eval['ceiling']:.0%} of it); {seconds['reward_model']:.1f} s")
+    print(f"reward model: val accuracy {rm_eval['accuracy']:.3f} on the annotator's labels, "
+          f"{rm_eval['expected_accuracy']:.3f} expected over its randomness; annotator ceiling "
+          f"{rm_eval['ceiling']:.3f} ({rm_eval['expected_accuracy'] / rm_eval['ceiling']:.1%} of it); "
+          f"{seconds['reward_model']:.1f} s")
     for f, ev in rm_eval["by_family"].items():
-        print(f"  {f:<11} accuracy {ev['accuracy']:.3f}  ceiling {ev['ceiling']:.3f}  ({ev['pairs']} pairs)")
+        print(f"  {f:<11} accuracy {ev['accuracy']:.3f}  expected {ev['expected_accuracy']:.3f}  "
+              f"ceiling {ev['ceiling']:.3f}  ({ev['pairs']} pairs)")
 
     t = rec.stage("4. PPO with a KL penalty against the frozen SFT model")
     kl_cfg = (KLControllerConfig(beta=args.kl_coef, adaptive=True, target=args.kl_target, horizon=10000)
@@ -286,7 +326,8 @@ def main(argv=None):
     seconds["evaluation"] = time.perf_counter() - t
     print(f"\nannotator win rate of RLHF over SFT: {w['rate']:.3f} "
           f"(95% interval {w['low']:.3f} to {w['high']:.3f}, {w['n']} unseen prompts)")
-    print(f"reward model accuracy {rm_eval['accuracy']:.3f} vs annotator ceiling {rm_eval['ceiling']:.3f}")
+    print(f"reward model accuracy {rm_eval['accuracy']:.3f} (expected {rm_eval['expected_accuracy']:.3f}) vs "
+          f"annotator ceiling {rm_eval['ceiling']:.3f}")
     print(f"KL(RLHF || SFT) per response: k1 estimate {c['kl']:.3f}, exact along the samples {c['kl_exact']:.3f}")
     print(f"gold score:         SFT {before['all']['mean_gold']:+.3f}  ->  RLHF {after['all']['mean_gold']:+.3f}")
     print(f"reward-model score: SFT {c['rm_before']:+.3f}  ->  RLHF {c['rm_after']:+.3f} "
@@ -297,7 +338,8 @@ def main(argv=None):
         "seed": args.seed, "numpy": np.__version__, "quick": args.quick, "args": vars(args),
         "sft": {"gold_score": before["all"]["mean_gold"], "val_loss": sft_hist[-1]["val_loss"],
                 "behaviour": before},
-        "reward_model": {"val_accuracy": rm_eval["accuracy"], "ceiling_accuracy": rm_eval["ceiling"],
+        "reward_model": {"val_accuracy": rm_eval["accuracy"], "val_expected_accuracy": rm_eval["expected_accuracy"],
+                         "ceiling_accuracy": rm_eval["ceiling"],
                          "by_family": rm_eval["by_family"], "calibration": rm_eval["calibration"],
                          "norm_gain": norm[0], "norm_bias": norm[1]},
         "ppo": {"gold_score": after["all"]["mean_gold"], "reward_score": c["rm_after"],

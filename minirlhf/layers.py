@@ -212,7 +212,7 @@ def softmax_shifted_by_own_score(s):
     own = np.diagonal(s, offset=Tk - Tq, axis1=-2, axis2=-1)[..., None]  # (..., Tq, 1)
     with np.errstate(over="ignore", invalid="ignore"):  # both are caught just below
         e = np.exp(s - own)
-    total = row_sum(e)
+        total = row_sum(e)  # finite terms can still sum past the float range
     if not np.isfinite(total).all():  # an overflow, or a query barred from its own position
         return softmax(s)
     e /= total

@@ -38,7 +38,7 @@ from scipy.special import expit
 from . import transformer as tf
 from .optim import AdamWConfig, adamw_init, adamw_step, lr_schedule
 from .tokenizer import EOS, encode_example, pad_batch
-from .world import FAMILIES, family_of
+from .world import FAMILIES, behaviour, family_of
 from .annotator import ceiling_accuracy, prefer_probability, scored_pairs
 
 
@@ -207,9 +207,16 @@ def score(params, cfg, prompts, responses, norm=None, batch_size=256):
 
 
 def evaluate(params, cfg, comparisons, annotator, n_bins=5):
-    """Pairwise accuracy against the annotator's labels (overall and per prompt family), its exact ceiling,
-    and calibration bins of predicted P(a > b) = sigmoid(r_a - r_b) against the annotator's exact
-    probability, for every scored pair oriented by original sample order (a sampled before b)."""
+    """Agreement with the annotator on every scored pair, oriented by original sample order (a sampled
+    before b), overall and per prompt family:
+      accuracy           the fraction of the annotator's sampled labels the reward model reproduces (a tie
+                         counts 1/2);
+      expected_accuracy  the same agreement in expectation over the annotator's randomness: p(a > b) where
+                         the model ranks a first, 1 - p where it ranks b first, 1/2 on a tie. Unbiased for
+                         what accuracy estimates, without the label-sampling noise (about +-0.01 on 1800
+                         pairs), and on the same footing as the exact ceiling, mean max(p, 1 - p), which
+                         it can never exceed;
+    and calibration bins of predicted P(a > b) = sigmoid(r_a - r_b) against the annotator's exact p."""
     ended = [(c.prompt, c.responses[i]) for c in comparisons for i in range(len(c.responses)) if c.ended[i]]
     r_all = score(params, cfg, [p for p, _ in ended], [r for _, r in ended])  # each response scored once
     r_of, rows = dict(zip(ended, r_all)), []
@@ -223,18 +230,45 @@ def evaluate(params, cfg, comparisons, annotator, n_bins=5):
     correct = np.where(ra == rb, 0.5, (ra > rb) == a_won)
     pred = expit(ra - rb)
     truth = np.array([prefer_probability(p, a, b, annotator) for p, a, b, _ in rows])
+    expected = np.where(ra == rb, 0.5, np.where(ra > rb, truth, 1 - truth))
     best = np.maximum(truth, 1 - truth)  # the ceiling, pair by pair
     families = np.array([family_of(p) for p, *_ in rows])
-    by_family = {f: {"accuracy": float(correct[families == f].mean()), "ceiling": float(best[families == f].mean()),
-                     "pairs": int((families == f).sum())} for f in FAMILIES if (families == f).any()}
+    by_family = {f: {"accuracy": float(correct[families == f].mean()),
+                     "expected_accuracy": float(expected[families == f].mean()),
+                     "ceiling": float(best[families == f].mean()), "pairs": int((families == f).sum())}
+                 for f in FAMILIES if (families == f).any()}
     edges = np.linspace(0, 1, n_bins + 1)
     which = np.clip(np.digitize(pred, edges) - 1, 0, n_bins - 1)
     calibration = [{"bin": [float(edges[k]), float(edges[k + 1])], "count": int((which == k).sum()),
                     "predicted": float(pred[which == k].mean()) if (which == k).any() else None,
                     "annotator": float(truth[which == k].mean()) if (which == k).any() else None}
                    for k in range(n_bins)]
-    return {"accuracy": float(correct.mean()), "ceiling": ceiling_accuracy(comparisons, annotator),
+    return {"accuracy": float(correct.mean()), "expected_accuracy": float(expected.mean()),
+            "ceiling": ceiling_accuracy(comparisons, annotator),
             "pairs": len(rows), "by_family": by_family, "calibration": calibration}
+
+
+def sums_checked(params, cfg, comparisons):
+    """(rate, n): over the n scored pairs of arithmetic comparisons in which one answer states the right sum
+    and the other a wrong one (world.behaviour), the fraction the model scores right-first. The hardest
+    thing this world asks of a reward model: it must read the prompt's digit and the answer's and compare."""
+    right, wrong = {"correct", "rude_correct"}, {"wrong", "overconfident_wrong"}
+    pairs = []
+    for c in comparisons:
+        if family_of(c.prompt) != "arithmetic":
+            continue
+        for w, l in scored_pairs(c):
+            a, b = c.responses[w], c.responses[l]
+            kinds = behaviour(c.prompt, a), behaviour(c.prompt, b)
+            if kinds[0] in right and kinds[1] in wrong:
+                pairs.append((c.prompt, a, b))
+            elif kinds[1] in right and kinds[0] in wrong:
+                pairs.append((c.prompt, b, a))
+    if not pairs:
+        return float("nan"), 0
+    r_right = score(params, cfg, [p for p, _, _ in pairs], [a for _, a, _ in pairs])
+    r_wrong = score(params, cfg, [p for p, _, _ in pairs], [b for _, _, b in pairs])
+    return float(np.mean(r_right > r_wrong)), len(pairs)
 
 
 def train_reward_model(params, cfg, train, val, rm_cfg, annotator, rng, log=print):
@@ -254,10 +288,11 @@ def train_reward_model(params, cfg, train, val, rm_cfg, annotator, rng, log=prin
         if (step + 1) % rm_cfg.eval_every == 0 or step == rm_cfg.steps - 1:
             ev = evaluate(params, cfg, val, annotator)
             rec = {"stage": "reward_model", "step": step + 1, "loss": loss, "val_accuracy": ev["accuracy"],
-                   "ceiling_accuracy": ev["ceiling"], "lr": lr, "grad_norm": grad_norm, "ms": step_ms, "seconds": time.perf_counter() - t0}
+                   "val_expected_accuracy": ev["expected_accuracy"], "ceiling_accuracy": ev["ceiling"], "lr": lr,
+                   "grad_norm": grad_norm, "ms": step_ms, "seconds": time.perf_counter() - t0}
             history.append(rec)
-            log(f"rm  step {step + 1:4d} | loss {loss:.3f} | val acc {ev['accuracy']:.3f} | "
-                f"ceiling {ev['ceiling']:.3f} | {rec['ms']:5.0f} ms")
+            log(f"rm  step {step + 1:4d} | loss {loss:.3f} | val acc {ev['accuracy']:.3f}, expected "
+                f"{ev['expected_accuracy']:.3f} | ceiling {ev['ceiling']:.3f} | {rec['ms']:5.0f} ms")
     return history
 
 

@@ -70,9 +70,17 @@ def test_interrupted_run_leaves_no_corrupt_checkpoint_and_reruns(tmp_path, monke
 
 
 @pytest.mark.parametrize("argv", [["--sft-steps", "-3"], ["--ppo-updates", "0"], ["--kl-coef", "-1"],
-                                  ["--no-such-flag"], ["--kl-target", "0"]])
+                                  ["--no-such-flag"], ["--kl-target", "0"], ["--quick", "--full-reward-model"]])
 def test_bad_flags_give_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         demo.parse_args(argv)
     assert e.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_full_reward_model_flag_sets_its_label_and_step_counts_unless_given():
+    args = demo.parse_args(["--full-reward-model"])
+    assert (args.labels, args.rm_steps) == (demo.FULL_REWARD_MODEL["labels"], demo.FULL_REWARD_MODEL["rm_steps"])
+    assert args.sft_steps == demo.PRESETS["default"]["sft_steps"]
+    assert demo.parse_args(["--full-reward-model", "--rm-steps", "7"]).rm_steps == 7
+    assert demo.reward_config(1500, full=True).lr > demo.reward_config(1500).lr

@@ -95,7 +95,7 @@ def test_labelling_cost(tiny_run, tmp_path):
     out = run_quick(labelling_cost, tiny_run, tmp_path)
     assert [r["labels"] for r in out["budgets"]] == labelling_cost.QUICK["labels"]
     for r in out["budgets"]:
-        assert 0 < r["pairs"] <= 6 * r["labels"]  # C(4, 2) pairs per ranked prompt at most
+        assert 0 < r["pairs"] <= math.comb(labelling_cost.K, 2) * r["labels"]  # C(K, 2) per ranked prompt
         assert len(r["gold_gain_each"]) == labelling_cost.QUICK["seeds"]
         assert r["gold_gain"] == pytest.approx(r["gold"] - out["sft_gold"])
 

@@ -143,19 +143,66 @@ def test_bad_input():
 
 def test_evaluate_counts_agreement_pair_by_pair():
     params = tiny_reward_params(seed=4)
-    from minirlhf.annotator import AnnotatorConfig, ceiling_accuracy, scored_pairs
+    from minirlhf.annotator import AnnotatorConfig, ceiling_accuracy, prefer_probability, scored_pairs
     ann = AnnotatorConfig(temperature=0.5)
     comps = [Comparison("hi!", ("hello!", "ugh. hi.", "um, hi."), (True, True, True),
                         (0, 2, 1)),
              Comparison("4+1?", ("5.", "it is 6.", "6."), (True, False, True), (0, 2, 1))]
     ev = R.evaluate(params, TINY, comps, ann)
-    agree = []
+    agree, expected = [], []
     for c in comps:
         r = R.score(params, TINY, [c.prompt] * len(c.responses), list(c.responses))
         agree += [float(r[w] > r[l]) for w, l in scored_pairs(c)]
+        for w, l in scored_pairs(c):  # P(annotator agrees with the model's order), from its exact probability
+            p_w = prefer_probability(c.prompt, c.responses[w], c.responses[l], ann)
+            expected.append(p_w if r[w] > r[l] else 1 - p_w)
     assert ev["pairs"] == len(agree) == 4  # 3 pairs, then 1: the no-EOS response is never scored
     assert ev["accuracy"] == pytest.approx(np.mean(agree))
+    assert ev["expected_accuracy"] == pytest.approx(np.mean(expected))
     assert ev["ceiling"] == ceiling_accuracy(comps, ann)
+    assert ev["expected_accuracy"] <= ev["ceiling"]
     assert sum(b["count"] for b in ev["calibration"]) == 4
     assert set(ev["by_family"]) == {"greeting", "arithmetic"}
     assert ev["by_family"]["greeting"]["pairs"] == 3
+
+
+# The full-length reward model of the demo's size (`python -m minirlhf.demo --full-reward-model`: 3000
+# prompts ranked 8 at a time, 1500 steps; about 80 s with its SFT) runs with `python -m pytest -m slow`.
+# The default run deselects it (setup.cfg) to keep the suite near two minutes;
+# `python demos/reward_benchmark.py --full` measures the same recipe on more seeds.
+@pytest.mark.slow
+def test_the_full_length_demo_sized_reward_model_reaches_90_percent_of_the_ceiling(demo_run_start):
+    """Issue 4's bar: the demo's SFT model and stages 2 and 3 for seed 0 as `python -m minirlhf.demo
+    --full-reward-model` runs them (demo.FULL_REWARD_MODEL, demo.reward_config(full=True)). On held-out
+    prompts the reward model agrees with the annotator at least 90% as often as the best possible
+    predictor, the exact ceiling, with
+    agreement taken in expectation over the annotator's randomness (reward.evaluate) like the ceiling.
+    And it checks sums: of two answers to one held-out sum, one right and one wrong, it scores the right one
+    higher in at least 90% of pairs.
+
+    Both hold on seed 0, the demo's (95.3% of the ceiling, sums 0.99), not on every seed: measured with
+    demos/reward_benchmark.py --full, seeds 1 and 2 reach 89.4% and 90.0% with sums at 0.71 and 0.56.
+    The demo's own one-minute recipe gives 82-90% over seeds 0-4, with sums at 0.45-0.67 (README)."""
+    from minirlhf import demo
+    rng = np.random.Generator(np.random.PCG64())
+    rng.bit_generator.state = demo_run_start["rng_state"]
+    policy, train, val = demo_run_start["policy"], demo_run_start["train"], demo_run_start["val"]
+    full = demo.FULL_REWARD_MODEL
+    train_cmp, val_cmp = demo.preference_data(policy, train, val, full["labels"], rng)
+    reward_model, _, _ = demo.run_reward_model(policy, train, train_cmp, val_cmp, full["rm_steps"], rng,
+                                               log=lambda s: None, full=True)
+    ev = R.evaluate(reward_model, demo.MODEL, val_cmp, demo.ANNOTATOR)
+    assert ev["expected_accuracy"] >= 0.9 * ev["ceiling"], ev
+    rate, n = R.sums_checked(reward_model, demo.MODEL, val_cmp)
+    assert n >= 50 and rate >= 0.9, (rate, n)
+
+
+def test_sums_checked_counts_right_against_wrong_pairs_only():
+    params = tiny_reward_params(seed=5)
+    comps = [Comparison("4+1?", ("5.", "it is 6.", "is 5!", "6."), (True,) * 4, (0, 2, 1, 3)),
+             Comparison("hi!", ("hello!", "ugh."), (True, True), (0, 1))]
+    rate, n = R.sums_checked(params, TINY, comps)
+    r = R.score(params, TINY, ["4+1?"] * 4, list(comps[0].responses))
+    right_first = [r[i] > r[j] for i in (0, 2) for j in (1, 3)]  # "5." and "is 5!" are right
+    assert n == 4 and rate == pytest.approx(np.mean(right_first))
+    assert R.sums_checked(params, TINY, comps[1:]) == (pytest.approx(float("nan"), nan_ok=True), 0)

@@ -67,14 +67,13 @@ def test_bad_config_and_data():
         sft.make_batch([("hi", "YO")])
 
 
-def test_the_demo_sft_model_behaves_well_only_part_of_the_time():
+def test_the_demo_sft_model_behaves_well_only_part_of_the_time(demo_run_start):
     """The demo's SFT stage (default length): every family's preferred behaviour is neither rare nor the
     rule, so preferences and PPO have room to improve it."""
     from minirlhf import demo
     from minirlhf.world import FAMILIES, behaviour_metrics, sample_prompts
-    rng = np.random.default_rng(0)
-    train, val = split_prompts(all_prompts(), 0.25, rng)
-    policy, history = demo.run_sft(train, val, demo.PRESETS["default"]["sft_steps"], rng, log=lambda s: None)
+    policy, history, val = demo_run_start["policy"], demo_run_start["history"], demo_run_start["val"]
+    rng = np.random.default_rng(1)
     assert history[-1]["val_loss"] < 0.2
     texts = [p.text for p in sample_prompts(val, 400, rng)]
     samples = sft.sample_responses(policy, demo.MODEL, texts, rng)
