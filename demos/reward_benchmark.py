@@ -72,7 +72,7 @@ def main(argv=None):
                                  "sum_pairs": n_sums, "seconds": seconds,
                                  "by_family": ev["by_family"], "calibration": ev["calibration"]})
         print(f"{seed:4d} {ev['accuracy']:9.3f} {ev['expected_accuracy']:9.3f} {ev['ceiling']:8.3f} "
-              f"{of['all']:10.1%} {sums:5.2f} {seconds:10.1f}   " + "  ".join(f"{f} {of[f]:.2f}" for f in FAMILIES if f in of),
+              f"{of['all']:10.1%} {sums if sums is not None else float('nan'):5.2f} {seconds:10.1f}   " + "  ".join(f"{f} {of[f]:.2f}" for f in FAMILIES if f in of),
               flush=True)
         if seed == args.seeds[0]:
             first = (policy, train_prompts, val_cmp, rng)

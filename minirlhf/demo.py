@@ -31,7 +31,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .kl import KLControllerConfig, exact_kl, kl_estimators
 from .layers import token_logprobs_forward
 from .ppo import PPOConfig, init_value_params, response_logits, train_ppo
-from .reward import (RewardConfig, evaluate, fit_normalisation, init_reward_params, score,
+from .reward import (RewardConfig, evaluate, fit_normalisation, init_reward_params, score, sums_checked,
                      train_reward_model)
 from .sft import SFTConfig, encode_prompts, sample_responses, train_sft
 from .tokenizer import VOCAB_SIZE, encode
@@ -303,6 +303,10 @@ def main(argv=None):
     for f, ev in rm_eval["by_family"].items():
         print(f"  {f:<11} accuracy {ev['accuracy']:.3f}  expected {ev['expected_accuracy']:.3f}  "
               f"ceiling {ev['ceiling']:.3f}  ({ev['pairs']} pairs)")
+    sums, n_sums = sums_checked(reward_model, MODEL, val_cmp)
+    if n_sums:
+        print(f"  checks sums: a right answer scored above a wrong one in {sums:.2f} of {n_sums} held-out pairs "
+              f"(0.5 is guessing)")
 
     t = rec.stage("4. PPO with a KL penalty against the frozen SFT model")
     kl_cfg = (KLControllerConfig(beta=args.kl_coef, adaptive=True, target=args.kl_target, horizon=10000)
@@ -339,7 +343,7 @@ def main(argv=None):
         "sft": {"gold_score": before["all"]["mean_gold"], "val_loss": sft_hist[-1]["val_loss"],
                 "behaviour": before},
         "reward_model": {"val_accuracy": rm_eval["accuracy"], "val_expected_accuracy": rm_eval["expected_accuracy"],
-                         "ceiling_accuracy": rm_eval["ceiling"],
+                         "ceiling_accuracy": rm_eval["ceiling"], "sums_checked": sums, "sum_pairs": n_sums,
                          "by_family": rm_eval["by_family"], "calibration": rm_eval["calibration"],
                          "norm_gain": norm[0], "norm_bias": norm[1]},
         "ppo": {"gold_score": after["all"]["mean_gold"], "reward_score": c["rm_after"],

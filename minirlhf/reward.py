@@ -250,7 +250,7 @@ def evaluate(params, cfg, comparisons, annotator, n_bins=5):
 
 def sums_checked(params, cfg, comparisons):
     """(rate, n): over the n scored pairs of arithmetic comparisons in which one answer states the right sum
-    and the other a wrong one (world.behaviour), the fraction the model scores right-first. The hardest
+    and the other a wrong one (world.behaviour), the fraction the model scores right-first (None if n = 0). The hardest
     thing this world asks of a reward model: it must read the prompt's digit and the answer's and compare."""
     right, wrong = {"correct", "rude_correct"}, {"wrong", "overconfident_wrong"}
     pairs = []
@@ -265,7 +265,7 @@ def sums_checked(params, cfg, comparisons):
             elif kinds[1] in right and kinds[0] in wrong:
                 pairs.append((c.prompt, b, a))
     if not pairs:
-        return float("nan"), 0
+        return None, 0
     r_right = score(params, cfg, [p for p, _, _ in pairs], [a for _, a, _ in pairs])
     r_wrong = score(params, cfg, [p for p, _, _ in pairs], [b for _, _, b in pairs])
     return float(np.mean(r_right > r_wrong)), len(pairs)
