@@ -167,8 +167,8 @@ def test_evaluate_counts_agreement_pair_by_pair():
 
 
 # The full-length reward model of the demo's size (`python -m minirlhf.demo --full-reward-model`: 3000
-# prompts ranked 8 at a time, 1500 steps; about 80 s with its SFT) runs with `python -m pytest -m slow`.
-# The default run deselects it (setup.cfg) to keep the suite near two minutes;
+# prompts ranked 8 at a time, 3000 steps; about two and a half minutes with its SFT) runs with
+# `python -m pytest -m slow`. The default run deselects it (setup.cfg) to keep the suite near two minutes;
 # `python demos/reward_benchmark.py --full` measures the same recipe on more seeds.
 @pytest.mark.slow
 def test_the_full_length_demo_sized_reward_model_reaches_90_percent_of_the_ceiling(demo_run_start):
@@ -180,9 +180,9 @@ def test_the_full_length_demo_sized_reward_model_reaches_90_percent_of_the_ceili
     And it checks sums: of two answers to one held-out sum, one right and one wrong, it scores the right one
     higher in at least 90% of pairs.
 
-    Both hold on seed 0, the demo's (95.3% of the ceiling, sums 0.99), not on every seed: measured with
-    demos/reward_benchmark.py --full, seeds 1 and 2 reach 89.4% and 90.0% with sums at 0.71 and 0.56.
-    The demo's own one-minute recipe gives 82-90% over seeds 0-4, with sums at 0.45-0.67 (README)."""
+    Measured on seed 0, the demo's: 95.0% of the ceiling, sums 0.99. With demos/reward_benchmark.py --full
+    over seeds 0-4 the first bar held on all five (90.3-95.0%), the second on four (seed 2: 0.69). The
+    demo's own one-minute recipe gives 82-90% over seeds 0-4, with sums at 0.45-0.67 (README)."""
     from minirlhf import demo
     rng = np.random.Generator(np.random.PCG64())
     rng.bit_generator.state = demo_run_start["rng_state"]
