@@ -206,6 +206,13 @@ def score(params, cfg, prompts, responses, norm=None, batch_size=256):
     return r if norm is None else norm[0] * r + norm[1]
 
 
+def expected_agreement(r_a, r_b, p_a):
+    """P(the annotator's label agrees with the model's order) per pair, with p_a = P(annotator prefers a):
+    p_a where r_a > r_b, 1 - p_a where r_a < r_b, 1/2 on a tie (a coin flip). Never above max(p_a, 1 - p_a)."""
+    r_a, r_b, p_a = np.asarray(r_a), np.asarray(r_b), np.asarray(p_a)
+    return np.where(r_a == r_b, 0.5, np.where(r_a > r_b, p_a, 1 - p_a))
+
+
 def evaluate(params, cfg, comparisons, annotator, n_bins=5):
     """Agreement with the annotator on every scored pair, oriented by original sample order (a sampled
     before b), overall and per prompt family:
@@ -230,7 +237,7 @@ def evaluate(params, cfg, comparisons, annotator, n_bins=5):
     correct = np.where(ra == rb, 0.5, (ra > rb) == a_won)
     pred = expit(ra - rb)
     truth = np.array([prefer_probability(p, a, b, annotator) for p, a, b, _ in rows])
-    expected = np.where(ra == rb, 0.5, np.where(ra > rb, truth, 1 - truth))
+    expected = expected_agreement(ra, rb, truth)
     best = np.maximum(truth, 1 - truth)  # the ceiling, pair by pair
     families = np.array([family_of(p) for p, *_ in rows])
     by_family = {f: {"accuracy": float(correct[families == f].mean()),
@@ -250,8 +257,8 @@ def evaluate(params, cfg, comparisons, annotator, n_bins=5):
 
 def sums_checked(params, cfg, comparisons):
     """(rate, n): over the n scored pairs of arithmetic comparisons in which one answer states the right sum
-    and the other a wrong one (world.behaviour), the fraction the model scores right-first (None if n = 0). The hardest
-    thing this world asks of a reward model: it must read the prompt's digit and the answer's and compare."""
+    and the other a wrong one (world.behaviour), the fraction the model scores right-first (None if n = 0).
+    The hardest thing this world asks of a reward model: read the prompt's digit and the answer's, compare."""
     right, wrong = {"correct", "rude_correct"}, {"wrong", "overconfident_wrong"}
     pairs = []
     for c in comparisons:

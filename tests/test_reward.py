@@ -141,6 +141,19 @@ def test_bad_input():
         R.loss_and_grads(params, TINY, [bad], R.RewardConfig())
 
 
+@given(arrays(np.float64, 6, elements=st.floats(-5, 5)), arrays(np.float64, 6, elements=st.floats(-5, 5)),
+       arrays(np.float64, 6, elements=st.floats(0, 1)))
+def test_expected_agreement_is_bounded_by_the_ceiling_and_complementary(ra, rb, p):
+    """E[agreement] = p or 1 - p by the model's order: in [min(p, 1-p), max(p, 1-p)], equal to the ceiling
+    max(p, 1-p) exactly when the model orders the pair as the annotator more likely does; swapping the two
+    scores gives 1 minus it (a tie gives 1/2 both ways)."""
+    e = R.expected_agreement(ra, rb, p)
+    assert np.all(e <= np.maximum(p, 1 - p)) and np.all(e >= np.minimum(p, 1 - p))
+    np.testing.assert_allclose(e + R.expected_agreement(rb, ra, p), 1.0, rtol=0, atol=1e-15)
+    same_order = (ra != rb) & (p != 0.5) & ((ra > rb) == (p > 0.5))
+    np.testing.assert_array_equal(e[same_order], np.maximum(p, 1 - p)[same_order])
+
+
 def test_evaluate_counts_agreement_pair_by_pair():
     params = tiny_reward_params(seed=4)
     from minirlhf.annotator import AnnotatorConfig, ceiling_accuracy, prefer_probability, scored_pairs
