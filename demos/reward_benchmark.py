@@ -3,13 +3,12 @@
     python demos/reward_benchmark.py [--full] [--seeds 0 1 2 3 4] [--labels 100 300 1000 3000] [--json out.json]
 
 Seeds. For each seed, the demo's stages 1-3 exactly as `python -m minirlhf.demo --seed S [--full-reward-model]`
-runs them (prompt split, SFT, 750 prompts whose K = 8 SFT samples the annotator ranks, or 3000 with --full,
-the reward model), then the reward
-model's agreement with the annotator on held-out prompts: on the annotator's sampled labels, in expectation
-over the annotator's randomness (reward.evaluate), and the annotator's exact ceiling; and "sums", the
-fraction of held-out pairs of a right and a wrong answer to a sum it orders right (reward.sums_checked).
-One seed is one
-demo, so the spread across seeds is what a user of the demo should expect.
+runs them: prompt split, SFT, 750 prompts whose K = 8 SFT samples the annotator ranks (3000 with --full),
+the reward model. Then the reward model's agreement with the annotator on held-out prompts: on the
+annotator's sampled labels, in expectation over the annotator's randomness (reward.evaluate), and the
+annotator's exact ceiling; and "sums", the fraction of held-out pairs of a right and a wrong answer to a sum
+it orders right (reward.sums_checked). One seed is one demo, so the spread across seeds is what a user of
+the demo should expect.
 
 Labelling cost. On the first seed's SFT model: reward models trained with the demo's recipe on the first N
 of one pool of pairwise labels (one prompt, two SFT samples, the annotator's choice: one human judgement
@@ -71,8 +70,9 @@ def main(argv=None):
                                  "ceiling": ev["ceiling"], "of_ceiling": of, "sums_checked": sums,
                                  "sum_pairs": n_sums, "seconds": seconds,
                                  "by_family": ev["by_family"], "calibration": ev["calibration"]})
+        per_family = "  ".join(f"{f} {of[f]:.2f}" for f in FAMILIES if f in of)
         print(f"{seed:4d} {ev['accuracy']:9.3f} {ev['expected_accuracy']:9.3f} {ev['ceiling']:8.3f} "
-              f"{of['all']:10.1%} {sums if sums is not None else float('nan'):5.2f} {seconds:10.1f}   " + "  ".join(f"{f} {of[f]:.2f}" for f in FAMILIES if f in of),
+              f"{of['all']:10.1%} {sums if sums is not None else float('nan'):5.2f} {seconds:10.1f}   {per_family}",
               flush=True)
         if seed == args.seeds[0]:
             first = (policy, train_prompts, val_cmp, rng)

@@ -188,8 +188,8 @@ def test_the_full_length_demo_sized_reward_model_reaches_90_percent_of_the_ceili
     """Issue 4's bar: the demo's SFT model and stages 2 and 3 for seed 0 as `python -m minirlhf.demo
     --full-reward-model` runs them (demo.FULL_REWARD_MODEL, demo.reward_config(full=True)). On held-out
     prompts the reward model agrees with the annotator at least 90% as often as the best possible
-    predictor, the exact ceiling, with
-    agreement taken in expectation over the annotator's randomness (reward.evaluate) like the ceiling.
+    predictor, the exact ceiling, with agreement taken in expectation over the annotator's randomness
+    (reward.evaluate) like the ceiling.
     And it checks sums: of two answers to one held-out sum, one right and one wrong, it scores the right one
     higher in at least 90% of pairs.
 
