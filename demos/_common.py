@@ -1,122 +1,127 @@
-"""What the lesson's experiments share (kl_sweep, length_bias, labelling_cost, explain_ranking in demos/):
-their flags, the models they start from, PPO at a chosen setting, one policy's evaluation on unseen prompts,
-and the three outputs: a fixed-column table, a JSON file and, when matplotlib is installed, a figure.
+"""What every script in demos/ shares: its flags, the demo run it starts from, PPO at a chosen setting, one
+policy's evaluation on unseen prompts, and the three outputs: a fixed-column table, a JSON file and, when
+matplotlib is installed, a figure.
 
-Starting point. `--from DIR` names a finished demo run (`python -m minirlhf.demo --out DIR`); its SFT model,
-reward model and prompt split are loaded with `minirlhf.demo.load_run`. When DIR holds no run, the demo's
-stages run here with the demo's step counts (about 40 s), or tiny ones with --quick (a few seconds: enough
-to test the plumbing, far too little to learn anything), and nothing is written to DIR.
+Starting point. `--run DIR` names a finished demo run (`python -m minirlhf.demo --out DIR`); its SFT policy,
+reward model and prompt split are loaded with minirlhf.runs.load_run, which refuses a folder whose run did
+not finish or holds another run's files. When DIR holds no run at all, the script makes one there first
+(the demo itself: about a minute, or `python -m minirlhf.demo --quick` under --quick) and says so. Under
+--quick the default folder is runs/demo-quick, so a quick run never stands in for a full one.
+
+--quick. Each script's QUICK settings (tiny step counts: seconds, enough to test the plumbing, far too
+little to learn anything) fill every flag left at its default; a flag you type wins.
 
 Proxy and gold. The proxy score of a response is what PPO was paid: the normalised reward-model score, or
-the fixed no-EOS score (-1) for a response that never ended. The gold score is world.gold, which only a
-simulation can know. Both are means over one sample per unseen prompt.
+reward.NO_EOS_SCORE for a response that never ended. The gold score is world.gold, which only a simulation
+can know. Both are means over one sample per unseen prompt.
 """
 import argparse
 import os
+import sys
 import time
 
-import minirlhf  # noqa: F401  (first: one BLAS thread before NumPy loads)
-import numpy as np
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+import numpy as np  # noqa: E402
 
-from minirlhf.demo import (LABEL_FAMILY_WEIGHTS, MODEL, PRESETS, collect_preferences, load_run, policy_kl,
-                           run_reward_model, run_sft, write_json)
-from minirlhf.kl import KLControllerConfig
-from minirlhf.ppo import PPOConfig, init_value_params, train_ppo
-from minirlhf.reward import score
-from minirlhf.sft import sample_responses
-from minirlhf.world import all_prompts, gold, sample_prompts, split_prompts
-
-# Stage lengths when --quick finds no demo run (CI, where runs/ is not committed).
-TINY = {"sft_steps": 30, "rm_steps": 2, "labels": 16, "val_labels": 8}
+from minirlhf import demo, fast, pipeline as P, runs  # noqa: E402
+from minirlhf.cli import (apply_preset, non_negative_float, non_negative_int, positive_float,  # noqa: E402
+                          positive_int)
+from minirlhf.reward import score_samples  # noqa: E402
+from minirlhf.transformer import copy_policy, sample_responses  # noqa: E402
+from minirlhf.world import gold, sample_prompts  # noqa: E402
 
 
-def parser(doc):
-    """The flags every experiment takes; the script adds its own. The description is the docstring."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--from", dest="run_dir", default="runs/demo",
-                    help="finished demo run to start from (default runs/demo); if missing, its stages run here")
-    ap.add_argument("--seed", type=int, default=0, help="seed of every np.random.Generator (default 0)")
-    ap.add_argument("--quick", action="store_true", help="tiny step counts: seconds, tests the plumbing only")
+def parser(doc, prog, starts_from_a_run=True):
+    """The flags every script takes; the script adds its own (defaults None where --quick may fill them)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if starts_from_a_run:
+        ap.add_argument("--run", default=None,
+                        help="finished demo run to start from (default runs/demo, runs/demo-quick with --quick); "
+                             "if the folder holds no run, the demo makes one there first")
+    ap.add_argument("--seed", type=non_negative_int, default=0, help="seed of every np.random.Generator (default 0)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny step counts: seconds, tests the plumbing only (a flag you type still wins)")
     ap.add_argument("--json", help="write the numbers to this JSON file")
-    ap.add_argument("--plot", help="save a figure here (needs matplotlib: pip install minirlhf[plot])")
+    ap.add_argument("--plot", help="save a figure to this PNG file (needs matplotlib: pip install -e \".[plot]\")")
     return ap
 
 
+# The reward-model and PPO settings of the scripts that retrain both: the demo's, with 40 PPO updates.
+PIPELINE_DEFAULTS = {"val_labels": 300, "rm_steps": P.STEPS["default"]["rm_steps"], "ppo_updates": 40,
+                     "lr": P.PPO_LR, "kl_coef": 0.15, "batch_size": P.PPO_BATCH, "eval_prompts": 400}
+
+
 def add_pipeline_args(ap):
-    """The reward-model and PPO settings every experiment that retrains both shares (the demo's values)."""
-    ap.add_argument("--val-labels", type=int, default=300, help="held-out ranked prompts for RM accuracy")
-    ap.add_argument("--rm-steps", type=int, default=PRESETS["default"]["rm_steps"],
-                    help="reward-model steps (default: the demo's)")
-    ap.add_argument("--updates", type=int, default=40, help="PPO updates (the table in the README used 40)")
-    ap.add_argument("--lr", type=float, default=2e-4, help="PPO learning rate (the demo's)")
-    ap.add_argument("--beta", type=float, default=0.15, help="fixed KL coefficient (the demo's)")
-    ap.add_argument("--batch-size", type=int, default=64, help="rollouts per PPO update")
-    ap.add_argument("--eval-prompts", type=int, default=400, help="unseen prompts each policy answers")
+    """The flags of PIPELINE_DEFAULTS (default None, so --quick and the defaults can fill them)."""
+    d = PIPELINE_DEFAULTS
+    ap.add_argument("--val-labels", type=positive_int,
+                    help=f"held-out ranked prompts for RM accuracy ({d['val_labels']})")
+    ap.add_argument("--rm-steps", type=positive_int, help=f"reward-model steps (the demo's, {d['rm_steps']})")
+    ap.add_argument("--ppo-updates", type=positive_int, help=f"PPO updates ({d['ppo_updates']})")
+    ap.add_argument("--lr", type=positive_float, help=f"PPO learning rate (the demo's, {d['lr']:g})")
+    ap.add_argument("--kl-coef", type=non_negative_float, help=f"fixed KL coefficient (the demo's, {d['kl_coef']})")
+    ap.add_argument("--batch-size", type=positive_int, help=f"rollouts per PPO update ({d['batch_size']})")
+    ap.add_argument("--eval-prompts", type=positive_int,
+                    help=f"unseen prompts each policy answers ({d['eval_prompts']})")
 
 
-def parse_args(ap, argv, quick):
-    """Parse argv; with --quick, the flags in the dict quick take its values (tiny step counts)."""
+def parse(ap, argv, quick=None, defaults=None):
+    """Parse argv; fill flags left unset (None) from quick under --quick, else from defaults."""
     args = ap.parse_args(argv)
-    if args.quick:
-        for name, value in quick.items():
-            setattr(args, name, value)
+    apply_preset(args, (quick or {}) if args.quick else {})
+    apply_preset(args, defaults or {})
+    if "run" in vars(args) and args.run is None:
+        args.run = "runs/demo-quick" if args.quick else "runs/demo"
+    for flag in ("json", "plot"):
+        path = getattr(args, flag)
+        if path is not None and (path.strip() == "" or os.path.isdir(path)):
+            ap.error(f"--{flag} must name a file, got {path!r}")
     return args
 
 
-def starting_point(run_dir, quick, rng, need_reward_model=True, log=print):
-    """{sft, reward_model, norm, train_prompts, val_prompts} of the demo run in run_dir, or of the demo's
-    stages run here when run_dir holds none (tiny with quick; reward model only if need_reward_model)."""
-    if all(os.path.exists(os.path.join(run_dir, f)) for f in ("sft.npz", "reward.npz", "split.json")):
-        log(f"starting from the demo run in {run_dir}")
-        return load_run(run_dir)
-    steps = TINY if quick else PRESETS["default"]
-    log(f"no demo run in {run_dir}: running the demo's stages here ({steps}); "
-        f"`python -m minirlhf.demo --out {run_dir}` saves them for the next experiment")
-    quiet = log if not quick else (lambda line: None)
-    train, val = split_prompts(all_prompts(), 0.25, rng)
-    sft, _ = run_sft(train, val, steps["sft_steps"], rng, log=quiet)
-    start = {"sft": sft, "train_prompts": train, "val_prompts": val}
-    if need_reward_model:
-        train_cmp = collect_preferences(sft, train, steps["labels"], rng, family_weights=LABEL_FAMILY_WEIGHTS)
-        val_cmp = collect_preferences(sft, val, steps.get("val_labels", max(50, steps["labels"] // 5)), rng)
-        start["reward_model"], start["norm"], _ = run_reward_model(sft, train, train_cmp, val_cmp,
-                                                                   steps["rm_steps"], rng, log=quiet)
+def starting_point(args, log=print):
+    """The loaded demo run in args.run (runs.load_run), made there first if the folder holds no run."""
+    if runs.read_manifest(args.run) is None and not (os.path.isdir(args.run) and os.listdir(args.run)):
+        flags = ["--out", args.run, "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
+        log(f"no demo run in {args.run}: making one first with python -m minirlhf.demo {' '.join(flags)}")
+        demo.main(flags)
+    start = runs.load_run(args.run, P.DEMO_MODEL)
+    log(f"starting from the demo run in {args.run} (seed {start['manifest']['seed']}, "
+        f"{'quick' if start['manifest']['settings'].get('quick') else 'default length'})")
     return start
 
 
-def train_policy(start, reward_model, norm, rng, updates, lr, beta, batch_size=64, log=print):
-    """PPO on a fresh copy of the SFT model (which stays the frozen reference) against reward_model, at a
-    fixed KL coefficient beta. The value model starts from reward_model. Returns (policy, history)."""
-    policy = {k: v.copy() for k, v in start["sft"].items()}
-    value = init_value_params(reward_model, norm)
-    cfg = PPOConfig(updates=updates, batch_size=batch_size, minibatch_size=min(16, batch_size), lr=lr,
-                    kl=KLControllerConfig(beta=beta))
-    history = train_ppo(policy, start["sft"], reward_model, value, MODEL, start["train_prompts"], cfg, norm, rng,
-                        log=log)
+def main_guard(main):
+    """Run a script's main: keep freed memory (an entry point, fast.py), and turn a ValueError about its
+    inputs (a run folder that is not one run, a bad checkpoint) into a message and exit code 2."""
+    fast.keep_freed_memory()
+    try:
+        return main()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def train_policy(start, reward_model, rng, updates, lr, kl_coef, batch_size=P.PPO_BATCH, log=print):
+    """PPO (pipeline.run_ppo, the demo's recipe) on a fresh copy of the SFT policy, which stays the frozen
+    reference, against reward_model at a fixed KL coefficient. Returns (policy, history)."""
+    policy = copy_policy(start["sft"])
+    _, history = P.run_ppo(policy, start["sft"].params, reward_model, start["train_prompts"],
+                           P.ppo_config(updates, P.fixed_kl(kl_coef), lr=lr, batch_size=batch_size), rng, log=log)
     return policy, history
 
 
-def proxy_scores(reward_model, norm, prompts, samples):
-    """What PPO is paid for each (text, ended) sample: the normalised score, or the fixed no-EOS score."""
-    out = np.full(len(samples), PPOConfig.no_eos_score)
-    ended = [i for i, (_, e) in enumerate(samples) if e]
-    if ended:
-        out[ended] = score(reward_model, MODEL, [prompts[i].text for i in ended], [samples[i][0] for i in ended],
-                           norm)
-    return out
-
-
-def evaluate_policy(policy, reference, reward_model, norm, prompts, rng):
+def evaluate_policy(policy, reference, reward_model, prompts, rng):
     """One sample per prompt from policy: per-sample texts, gold, proxy and length; their means, the
     standard error of the gold mean, and the KL to reference per response (the k1 estimate and the exact
-    KL along the samples, minirlhf.demo.policy_kl). With reward_model None, proxy_each and proxy are None."""
+    KL along the samples, pipeline.policy_kl). With reward_model None, proxy_each and proxy are None."""
     texts = [p.text for p in prompts]
-    samples = sample_responses(policy, MODEL, texts, rng)
+    samples = sample_responses(policy, texts, rng)
     golds = np.array([gold(p, s, e) for p, (s, e) in zip(prompts, samples)])
     gold_se = golds.std(ddof=1) / np.sqrt(len(golds)) if len(golds) > 1 else 0.0
-    proxies = None if reward_model is None else proxy_scores(reward_model, norm, prompts, samples)
+    proxies = None if reward_model is None else score_samples(reward_model, texts, samples)
     lengths = np.array([len(s) for s, _ in samples])
-    kl, kl_exact = policy_kl(policy, reference, texts, samples)
+    kl, kl_exact = P.policy_kl(policy, reference.params, texts, samples)
     return {"samples": samples, "gold_each": golds, "proxy_each": proxies, "length_each": lengths,
             "gold": float(golds.mean()), "gold_se": float(gold_se),
             "proxy": None if proxies is None else float(proxies.mean()), "kl": kl, "kl_exact": kl_exact,
@@ -144,8 +149,7 @@ def finish(args, name, results, t0):
     out = {"experiment": name, "args": vars(args), "seconds": time.perf_counter() - t0, **results}
     print(f"{name}: {out['seconds']:.1f} s")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        write_json(args.json, out)
+        runs.write_json(args.json, out)
         print(f"wrote {args.json}")
     return out
 
@@ -159,7 +163,7 @@ def save_figure(path, draw):
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"matplotlib is not installed (pip install minirlhf[plot]): no figure written to {path}")
+        print(f"matplotlib is not installed (pip install -e \".[plot]\"): no figure written to {path}")
         return
     fig = draw(plt)
     fig.savefig(path, dpi=120, bbox_inches="tight")

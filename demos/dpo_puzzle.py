@@ -1,6 +1,6 @@
 """The DPO puzzle, measured: the chosen responses' log-probs fall during training while the margin grows.
 
-    python demos/dpo_puzzle.py [--run runs/demo] [--beta 0.1] [--pairs 128] [--json puzzle.json]
+    python demos/dpo_puzzle.py [--run runs/demo] [--beta 0.1] [--pairs 128] [--json puzzle.json] [--quick]
 
 DPO as demos/frontier.py trains it (the same regenerated preference set and settings), then three looks:
 
@@ -16,20 +16,22 @@ DPO as demos/frontier.py trains it (the same regenerated preference set and sett
    terms. Adam's first step moves every parameter by lr along sign(D) instead. Printed: how often each
    says "falls", and how often the prediction at the SFT model agrees with what training did.
 """
-import argparse
-import os
 import time
 
-import minirlhf  # noqa: F401  (first: one BLAS thread before NumPy loads)
+import _common as C
 import numpy as np
 from scipy.special import expit
 
-from minirlhf import demo
 from minirlhf import layers as L
+from minirlhf import pipeline as P
 from minirlhf import transformer as tf
+from minirlhf.cli import positive_float, positive_int
 from minirlhf.dpo import (DPOConfig, preference_pairs, sequence_logprobs_backward, sequence_logprobs_forward,
                           train_dpo)
 from minirlhf.sft import make_batch
+
+DEFAULTS = {"beta": 0.1, "steps": 300, "pairs": 128, "labels": P.STEPS["default"]["labels"]}
+QUICK = {"steps": 3, "pairs": 6, "labels": 24}
 
 
 def token_logprobs(params, cfg, prompts, responses):
@@ -76,24 +78,22 @@ def first_order(policy, reference, cfg, prompts, ws, ls, beta):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default="runs/demo", help="finished demo run (default runs/demo)")
-    ap.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1, the reference's)")
-    ap.add_argument("--steps", type=int, default=300, help="DPO steps (default 300, as demos/frontier.py)")
-    ap.add_argument("--pairs", type=int, default=128, help="training pairs followed before and after")
-    ap.add_argument("--labels", type=int, default=demo.PRESETS["default"]["labels"],
-                    help="prompts in the regenerated preference set (default: the demo's)")
-    ap.add_argument("--seed", type=int, default=0, help="as demos/frontier.py's --seed")
-    ap.add_argument("--json", help="write the numbers here")
-    args = ap.parse_args(argv)
-    if not os.path.exists(os.path.join(args.run, "reward.npz")):
-        ap.error(f"no finished demo run in {args.run}: make one with python -m minirlhf.demo --out {args.run}")
+    ap = C.parser(__doc__, "python demos/dpo_puzzle.py")
+    ap.add_argument("--beta", type=positive_float, help="DPO beta (default 0.1)")
+    ap.add_argument("--steps", type=positive_int, help="DPO steps (default 300, as demos/frontier.py)")
+    ap.add_argument("--pairs", type=positive_int, help="training pairs followed before and after (default 128)")
+    ap.add_argument("--labels", type=positive_int, help="prompts in the regenerated preference set (the demo's)")
+    args = C.parse(ap, argv, QUICK, DEFAULTS)
     t0 = time.perf_counter()
-    run = demo.load_run(args.run)
-    sft, cfg = run["sft"], run["cfg"]
+    run = C.starting_point(args)
+    policy_sft = run["sft"]
+    sft, cfg = policy_sft.params, policy_sft.model_cfg
     # the seeds of demos/frontier.py: the same preference set and the same DPO minibatches
-    pairs = preference_pairs(demo.collect_preferences(sft, run["train_prompts"], args.labels,
-                                                      np.random.default_rng(args.seed * 100)))
+    pairs = preference_pairs(P.collect_preferences(policy_sft, run["train_prompts"], args.labels,
+                                                   np.random.default_rng(args.seed * 100)))
+    if len(pairs) < max(args.pairs, 16):
+        raise ValueError(f"the regenerated preference set has {len(pairs)} pairs, fewer than --pairs {args.pairs} "
+                         f"or one DPO batch of 16: raise --labels")
     chosen_idx = np.random.default_rng(args.seed * 100 + 5).choice(len(pairs), args.pairs, replace=False)
     fixed = [pairs[i] for i in chosen_idx]
     prompts, ws, ls = [p for p, _, _ in fixed], [w for _, w, _ in fixed], [l for _, _, l in fixed]
@@ -103,9 +103,11 @@ def main(argv=None):
     rejected_elsewhere = np.mean([any(q == p and l == w for q, _, l in pairs) for p, w, _ in fixed])
 
     # 1. train, as demos/frontier.py does
-    policy = {k: v.copy() for k, v in sft.items()}
-    dcfg = DPOConfig(beta=args.beta, steps=args.steps, batch_size=16, lr=1e-4, log_every=max(1, args.steps // 6))
-    history = train_dpo(policy, sft, cfg, pairs, dcfg, np.random.default_rng(args.seed * 100 + 3))
+    policy = tf.copy_policy(policy_sft)
+    dcfg = DPOConfig(beta=args.beta, steps=args.steps, batch_size=16, lr=1e-4, warmup_steps=min(10, args.steps - 1),
+                     log_every=max(1, args.steps // 6))
+    history = train_dpo(policy, sft, pairs, dcfg, np.random.default_rng(args.seed * 100 + 3))
+    policy = policy.params
     w = min(20, len(history))
     trend = {k: (float(np.mean([h[k] for h in history[:w]])), float(np.mean([h[k] for h in history[-w:]])))
              for k in ("logps/chosen", "logps/rejected", "rewards/margins")}
@@ -149,7 +151,6 @@ def main(argv=None):
           "  pair's own term, from the other pairs' terms, from both, and along sign(D), Adam's first step)")
     print(f"  agreement of the SGD prediction at the SFT model with what training did: "
           f"{np.mean((at_sft['sgd_raw'] < 0) == fell):.0%}")
-    print(f"total {time.perf_counter() - t0:.1f} s")
     result = {"beta": args.beta, "steps": args.steps, "pairs": len(fixed), "history_trend": trend,
               "chosen_fell": float(fell.mean()), "rejected_fell": float(np.mean(d_rejected < 0)),
               "d_chosen": float(d_chosen.mean()), "d_rejected": float(d_rejected.mean()),
@@ -157,11 +158,22 @@ def main(argv=None):
               "chosen_rejected_elsewhere": float(rejected_elsewhere),
               "first_order": {name: {k: v for k, v in fo.items() if k != "sgd_raw"}
                               for name, fo in (("sft", at_sft), ("end", at_end))}}
-    if args.json:
-        demo.write_json(args.json, result)
-        print(f"wrote {args.json}")
-    return result
+    C.save_figure(args.plot, lambda plt: draw(plt, history, args.beta))
+    return C.finish(args, "dpo_puzzle", result, t0)
+
+
+def draw(plt, history, beta):
+    """The logged chosen and rejected log-probs (left) and the margin (right) over DPO's steps."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = [h["step"] for h in history]
+    a.plot(steps, [h["logps/chosen"] for h in history], label="chosen")
+    a.plot(steps, [h["logps/rejected"] for h in history], label="rejected")
+    a.set(xlabel="DPO step", ylabel="mean log-prob of the batch's responses", title=f"log-probs (beta {beta:g})")
+    a.legend()
+    b.plot(steps, [h["rewards/margins"] for h in history], color="C2")
+    b.set(xlabel="DPO step", ylabel="beta h, mean over the batch", title="the margin grows")
+    return fig
 
 
 if __name__ == "__main__":
-    main()
+    C.main_guard(main)

@@ -1,6 +1,6 @@
 """Explaining a ranking: "comparing ranked responses, analysing why one answer is better".
 
-    python demos/explain_ranking.py [--from runs/demo] [--k 4] [--json explain_ranking.json]
+    python demos/explain_ranking.py [--run runs/demo] [--k 8] [--json explain_ranking.json]
                                     [--plot explain_ranking.png] [--quick]
 
 Method. For one unseen prompt of each family: K responses sampled from the SFT model (InstructGPT's data
@@ -23,10 +23,14 @@ from itertools import combinations
 import _common as C
 import numpy as np
 
+from minirlhf import pipeline as P
 from minirlhf.annotator import prefer_probability, rank
-from minirlhf.demo import ANNOTATOR, K, MODEL
-from minirlhf.sft import sample_responses
+from minirlhf.cli import positive_int
+from minirlhf.reward import score_samples
+from minirlhf.transformer import sample_responses
 from minirlhf.world import FAMILIES, behaviour, gold_breakdown
+
+ANNOTATOR, K = P.ANNOTATOR, P.K
 
 DRAWS = 5  # attempts at K responses with at least 3 different texts
 
@@ -41,8 +45,10 @@ def explain(prompt, responses, ranking, scores):
     for hi, lo in zip(ranking, ranking[1:]):
         a, b = items[hi], items[lo]
         diff = {c: a["criteria"][c] - b["criteria"][c] for c in a["criteria"] if a["criteria"][c] != b["criteria"][c]}
-        rm_agrees = None if a["reward_model"] is None or b["reward_model"] is None else (
-            a["reward_model"] > b["reward_model"])
+        if a["reward_model"] is None or b["reward_model"] is None:
+            rm_agrees = None
+        else:  # "tie" for equal scores (identical responses get identical ones)
+            rm_agrees = "tie" if a["reward_model"] == b["reward_model"] else a["reward_model"] > b["reward_model"]
         pairs.append({"upper": hi, "lower": lo, "p_annotator": prefer_probability(prompt, responses[hi],
                                                                                responses[lo], ANNOTATOR),
                       "criteria_diff": diff, "reward_model_agrees": rm_agrees})
@@ -51,26 +57,26 @@ def explain(prompt, responses, ranking, scores):
 
 
 def main(argv=None):
-    ap = C.parser(__doc__)
-    ap.add_argument("--k", type=int, default=K, help=f"responses per prompt (default {K}, the demo's)")
-    args = C.parse_args(ap, argv, {})
+    ap = C.parser(__doc__, "python demos/explain_ranking.py")
+    ap.add_argument("--k", type=positive_int, help=f"responses per prompt (default {K}, the demo's)")
+    args = C.parse(ap, argv, {}, {"k": K})
     if args.k < 2:
         ap.error("--k must be >= 2")
     t0 = time.perf_counter()
-    start = C.starting_point(args.run_dir, args.quick, np.random.default_rng(args.seed))
-    sft, rm, norm = start["sft"], start["reward_model"], start["norm"]
+    start = C.starting_point(args)
+    sft, rm = start["sft"], start["reward_model"]
     rng = np.random.default_rng([args.seed, 5])
     records, agree, total = [], 0, 0
     for family in FAMILIES:
         candidates = [p for p in start["val_prompts"] if p.family == family]
         prompt = candidates[rng.integers(len(candidates))]
         for _ in range(DRAWS):
-            responses = sample_responses(sft, MODEL, [prompt.text] * args.k, rng)
+            responses = sample_responses(sft, [prompt.text] * args.k, rng)
             if len({s for s, _ in responses}) >= min(3, args.k):
                 break
         ranking = rank(prompt, responses, ANNOTATOR, rng)
         scores = [None if not e else float(v) for (_, e), v in
-                  zip(responses, C.proxy_scores(rm, norm, [prompt] * args.k, responses))]
+                  zip(responses, score_samples(rm, [prompt.text] * args.k, responses))]
         rec = explain(prompt, responses, ranking, scores)
         records.append(rec)
 
@@ -84,8 +90,8 @@ def main(argv=None):
                        for r, i in enumerate(ranking)]))
         for r, pair in enumerate(rec["neighbour_pairs"]):
             why = ", ".join(f"{c} {d:+.1f}" for c, d in pair["criteria_diff"].items()) or "identical criteria"
-            rm_word = {True: "agrees", False: "disagrees", None: "cannot score a no-EOS response"}[
-                pair["reward_model_agrees"]]
+            rm_word = {True: "agrees", False: "disagrees", "tie": "scores them equally",
+                       None: "cannot score a no-EOS response"}[pair["reward_model_agrees"]]
             print(f"  {r + 1} over {r + 2}: annotator P = {pair['p_annotator']:.2f}; gold gap (upper - lower) "
                   f"{sum(pair['criteria_diff'].values()):+.1f} = {why}; reward model {rm_word}")
         for hi, lo in combinations(ranking, 2):  # every pair of the ranking, as the reward model is trained
@@ -121,4 +127,4 @@ def draw(plt, records):
 
 
 if __name__ == "__main__":
-    main()
+    C.main_guard(main)

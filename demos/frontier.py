@@ -6,22 +6,22 @@ Every method starts from the SFT model of a finished demo run (`python -m minirl
 and is judged on the same unseen prompts by the gold score (which only the simulated world knows) against
 KL(policy || SFT), the price paid in drift from the reference:
 
-  PPO       demo.run_ppo with a fixed KL coefficient, several values, the demo's reward model. That reward
+  PPO       pipeline.run_ppo with a fixed KL coefficient, several values, the demo's reward model. That reward
             model was trained by the demo on ITS OWN comparisons (same annotator, same SFT sampler, other
             draws), not on the set DPO sees here.
-  DPO       minirlhf.dpo on the pairs of a preference set regenerated here with demo.collect_preferences
+  DPO       minirlhf.dpo on the pairs of a preference set regenerated here with pipeline.collect_preferences
             from the SFT model (fixed seed: the same kind of data the reward model was fitted to), several
             betas, the SFT model as the frozen reference.
   best-of-n minirlhf.best_of_n: n SFT samples, the reward model's favourite kept; several n.
 
-Evaluation. PPO and DPO policies go through demo.compare_policies with one seed, so all of them answer the
-same prompts and are compared with the same SFT samples; KL is demo.policy_kl's exact KL along the sampled
+Evaluation. PPO and DPO policies go through pipeline.compare_policies with one seed, so all of them answer
+the same prompts and are compared with the same SFT samples; KL is pipeline.policy_kl's exact KL along the sampled
 responses (its expectation is the sequence-level KL; the k1 estimate is in the JSON). For best-of-n, the
 same prompts get max(n) SFT samples each: its gold is that of a real best-of-n draw (the first n samples),
 its KL the plug-in measurement of minirlhf.best_of_n from the pooled samples of each distinct prompt, next
-to the analytic log n - (n - 1)/n, an upper bound here. PPO's beta multiplies a KL in nats against a score
-in normalised reward units, DPO's against the reward model's raw (Bradley-Terry logit) units: the same
-trade-off is DPO beta = PPO beta / gain, gain the reward model's normalisation gain (printed).
+to the analytic log n - (n - 1)/n, an upper bound here. PPO's kl_coef multiplies a KL in nats against a score
+in normalised reward units, DPO's beta against the reward model's raw (Bradley-Terry logit) units: the same
+trade-off is DPO beta = PPO kl_coef / gain, gain the reward model's normalisation gain (printed).
 
 Best-of-n pays for its gold at inference time (n samples and n reward-model scores per prompt), PPO and
 DPO once, in training; this script compares only gold against KL.
@@ -39,36 +39,29 @@ the reward model or, for DPO, the preference set): best-of-n at n = 8-16, PPO at
 largest beta, 1; at beta 0.03 DPO ends below the SFT model with 9-25% of its answers broken. The
 measured best-of-n KL is below log n - (n-1)/n, 2.12 against 2.50 nats at n = 32: responses repeat.
 """
-import argparse
-import os
 import time
 
-import minirlhf  # noqa: F401  (first: one BLAS thread before NumPy loads)
+import _common as C
 import numpy as np
 
-from minirlhf import demo
-from minirlhf.best_of_n import NO_EOS_SCORE, evaluate_best_of_n, score_samples
+from minirlhf import pipeline as P
+from minirlhf.best_of_n import evaluate_best_of_n
+from minirlhf.cli import non_negative_float, positive_float, positive_int
 from minirlhf.dpo import DPOConfig, preference_pairs, train_dpo
-from minirlhf.kl import KLControllerConfig
-from minirlhf.sft import sample_responses
+from minirlhf.reward import score_samples
+from minirlhf.transformer import copy_policy, sample_responses
 from minirlhf.world import behaviour, gold, sample_prompts
 
-# Settings of the full run and of --quick (a smoke test of a few seconds; its numbers mean nothing).
-PRESETS = {
-    "full": {"labels": demo.PRESETS["default"]["labels"], "ppo_coefs": [0.5, 0.15, 0.05, 0.02], "ppo_updates": 40,
-             "dpo_betas": [1.0, 0.3, 0.1, 0.03], "dpo_steps": 300, "dpo_batch": 16, "dpo_lr": 1e-4,
-             "bon_ns": [1, 2, 4, 8, 16, 32], "eval_prompts": 400, "budgets": [0.25, 0.5, 1.0, 2.0, 4.0]},
-    "quick": {"labels": 24, "ppo_coefs": [0.5, 0.05], "ppo_updates": 1,
-              "dpo_betas": [1.0, 0.1], "dpo_steps": 3, "dpo_batch": 8, "dpo_lr": 1e-4,
-              "bon_ns": [1, 2, 4], "eval_prompts": 24, "budgets": [0.1, 1.0]},
-}
+# The full run's settings; --quick (a smoke test of a few seconds; its numbers mean nothing) fills the flags
+# you leave unset from QUICK instead.
+DEFAULTS = {"labels": P.STEPS["default"]["labels"], "kl_coefs": [0.5, 0.15, 0.05, 0.02], "ppo_updates": 40,
+            "dpo_betas": [1.0, 0.3, 0.1, 0.03], "dpo_steps": 300, "dpo_batch": 16, "dpo_lr": 1e-4,
+            "bon_ns": [1, 2, 4, 8, 16, 32], "eval_prompts": 400, "budgets": [0.25, 0.5, 1.0, 2.0, 4.0]}
+QUICK = {"labels": 24, "kl_coefs": [0.5, 0.05], "ppo_updates": 1, "dpo_betas": [1.0, 0.1], "dpo_steps": 3,
+         "dpo_batch": 8, "bon_ns": [1, 2, 4], "eval_prompts": 24, "budgets": [0.1, 1.0]}
 
 
 BROKEN = ("empty", "gibberish", "no_eos")  # behaviour labels of a response that is not an answer at all
-
-
-def copy(params):
-    return {k: v.copy() for k, v in params.items()}
 
 
 def every(k, log=print):
@@ -91,8 +84,8 @@ def gold_stats(prompts, samples):
 
 def evaluate_policy(policy, run, seed, n):
     """Gold, KL and the rest for one trained policy, on the evaluation prompts (the same for every call)."""
-    c = demo.compare_policies(policy, run["sft"], run["reward_model"], run["norm"], run["val_prompts"],
-                              np.random.default_rng(seed), n=n)
+    c = P.compare_policies(policy, run["sft"], run["reward_model"], run["val_prompts"], np.random.default_rng(seed),
+                           n=n)
     return {**gold_stats(c["prompts"], c["samples"]), "kl": c["kl_exact"], "kl_k1": c["kl"],
             "score": c["rm_after"], "win_rate": c["win_rate"]["rate"],
             "sft": gold_stats(c["prompts"], c["ref_samples"]),
@@ -125,54 +118,54 @@ def dpo_puzzle(history, window=20):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default="runs/demo", help="finished demo run to start from (default runs/demo)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of every generator used here (default 0)")
-    ap.add_argument("--quick", action="store_true", help="a few seconds, for the test; numbers meaningless")
-    ap.add_argument("--json", help="write every number here")
-    ap.add_argument("--plot", help="save the figure here (needs matplotlib; skipped without it)")
-    args = ap.parse_args(argv)
-    cfg = PRESETS["quick" if args.quick else "full"]
-    if not os.path.exists(os.path.join(args.run, "reward.npz")):
-        ap.error(f"no finished demo run in {args.run}: make one with python -m minirlhf.demo --out {args.run}")
+    ap = C.parser(__doc__, "python demos/frontier.py")
+    ap.add_argument("--labels", type=positive_int, help="prompts of the regenerated preference set for DPO")
+    ap.add_argument("--kl-coefs", type=non_negative_float, nargs="+", help="PPO's fixed KL coefficients")
+    ap.add_argument("--ppo-updates", type=positive_int, help="PPO updates per run")
+    ap.add_argument("--dpo-betas", type=positive_float, nargs="+", help="DPO's betas")
+    ap.add_argument("--dpo-steps", type=positive_int, help="DPO steps per run")
+    ap.add_argument("--dpo-batch", type=positive_int, help="DPO pairs per step")
+    ap.add_argument("--dpo-lr", type=positive_float, help="DPO learning rate")
+    ap.add_argument("--bon-ns", type=positive_int, nargs="+", help="best-of-n's n")
+    ap.add_argument("--eval-prompts", type=positive_int, help="unseen prompts every method answers")
+    ap.add_argument("--budgets", type=positive_float, nargs="+", help="KL budgets (nats) the frontiers are read at")
+    args = C.parse(ap, argv, QUICK, DEFAULTS)
+    cfg = {k: getattr(args, k) for k in DEFAULTS}
     t0 = time.perf_counter()
-    run = demo.load_run(args.run)
-    sft, model, gain = run["sft"], run["cfg"], run["norm"][0]
+    run = C.starting_point(args)
+    sft, gain = run["sft"], run["reward_model"].gain
     seeds = {name: args.seed * 100 + i for i, name in enumerate(["preferences", "eval", "ppo", "dpo", "bon"])}
 
-    cmp = demo.collect_preferences(sft, run["train_prompts"], cfg["labels"],
-                                   np.random.default_rng(seeds["preferences"]))
+    cmp = P.collect_preferences(sft, run["train_prompts"], cfg["labels"], np.random.default_rng(seeds["preferences"]))
     pairs = preference_pairs(cmp)
     print(f"frontier from {args.run}: {len(run['train_prompts'])} train / {len(run['val_prompts'])} unseen "
-          f"prompts; "
-          f"preference set regenerated (seed {seeds['preferences']}): {len(cmp)} prompts x {demo.K} SFT samples, "
-          f"{len(pairs)} pairs of different ended responses for DPO")
+          f"prompts; preference set regenerated (seed {seeds['preferences']}): {len(cmp)} prompts x {P.K} SFT "
+          f"samples, {len(pairs)} pairs of different ended responses for DPO")
     print(f"the reward model (PPO, best-of-n) is the run's own, trained on the demo's comparisons; "
-          f"normalisation gain {gain:.3f}, so PPO beta b matches DPO beta b / {gain:.3f}")
+          f"normalisation gain {gain:.3f}, so PPO kl_coef b matches DPO beta b / {gain:.3f}")
     points, histories = [], {}
 
     def report(p):
         points.append(p)
-        print(f"  -> {p['method']:<4} {p['setting']:<10} gold {p['gold']:+.3f} | kl {p['kl']:.3f} | "
+        print(f"  -> {p['method']:<4} {p['setting']:<12} gold {p['gold']:+.3f} | kl {p['kl']:.3f} | "
               f"score {p['score']:+.3f} | {p['seconds']:.1f} s", flush=True)
 
     print("\n== PPO, fixed KL coefficient ==")
-    for coef in cfg["ppo_coefs"]:
+    for coef in cfg["kl_coefs"]:
         t = time.perf_counter()
-        policy = copy(sft)
-        demo.run_ppo(policy, sft, run["reward_model"], run["norm"], run["train_prompts"], cfg["ppo_updates"],
-                     KLControllerConfig(beta=coef), np.random.default_rng(seeds["ppo"]), log=every(10))
-        report({"method": "PPO", "setting": f"beta={coef:g}", "beta": coef,
+        policy, _ = C.train_policy(run, run["reward_model"], np.random.default_rng(seeds["ppo"]), cfg["ppo_updates"],
+                                   P.PPO_LR, coef, log=every(10))
+        report({"method": "PPO", "setting": f"kl_coef={coef:g}", "kl_coef": coef,
                 **evaluate_policy(policy, run, seeds["eval"], cfg["eval_prompts"]),
                 "seconds": time.perf_counter() - t})
 
     print("\n== DPO on the regenerated preference pairs ==")
     for beta in cfg["dpo_betas"]:
         t = time.perf_counter()
-        policy = copy(sft)
+        policy = copy_policy(sft)
         dcfg = DPOConfig(beta=beta, steps=cfg["dpo_steps"], batch_size=cfg["dpo_batch"], lr=cfg["dpo_lr"],
                          warmup_steps=min(10, cfg["dpo_steps"] - 1), log_every=max(1, cfg["dpo_steps"] // 3))
-        histories[beta] = train_dpo(policy, sft, model, pairs, dcfg, np.random.default_rng(seeds["dpo"]))
+        histories[beta] = train_dpo(policy, sft.params, pairs, dcfg, np.random.default_rng(seeds["dpo"]))
         report({"method": "DPO", "setting": f"beta={beta:g}", "beta": beta,
                 **evaluate_policy(policy, run, seeds["eval"], cfg["eval_prompts"]),
                 "seconds": time.perf_counter() - t})
@@ -182,8 +175,8 @@ def main(argv=None):
     prompts = sample_prompts(run["val_prompts"], cfg["eval_prompts"], np.random.default_rng(seeds["eval"]))
     m = max(cfg["bon_ns"])
     texts = [p.text for p in prompts for _ in range(m)]
-    samples = sample_responses(sft, model, texts, np.random.default_rng(seeds["bon"]))
-    scores = score_samples(run["reward_model"], model, run["norm"], texts, samples, NO_EOS_SCORE).reshape(-1, m)
+    samples = sample_responses(sft, texts, np.random.default_rng(seeds["bon"]))
+    scores = score_samples(run["reward_model"], texts, samples).reshape(-1, m)
     golds = np.array([gold(x, s, e) for x, (s, e) in zip(texts, samples)]).reshape(-1, m)
     bon = evaluate_best_of_n(scores, golds, [p.text for p in prompts], cfg["bon_ns"])
     per_prompt = len(prompts) * m / len({p.text for p in prompts})
@@ -201,7 +194,7 @@ def main(argv=None):
           f"SFT: gold {sft_gold:+.3f} +- {points[0]['sft']['gold_se']:.3f}, "
           f"broken {points[0]['sft']['broken']:.2f} "
           f"(+- one standard error; broken: empty, gibberish or no EOS)")
-    print(f"{'method':<6} {'setting':<10} {'gold':>7} {'+-':>5} {'+gold':>7} {'KL':>6} {'+gold/KL':>8} "
+    print(f"{'method':<6} {'setting':<12} {'gold':>7} {'+-':>5} {'+gold':>7} {'KL':>6} {'+gold/KL':>8} "
           f"{'score':>6} {'broken':>6}  notes")
     for p in points:
         gain_gold = p["gold"] - sft_gold
@@ -209,7 +202,7 @@ def main(argv=None):
         notes = (f"KL bound {p['kl_bound']:.3f}, KL from half the samples {p['kl_half']:.3f}, "
                  f"gold of the law {p['gold_law']:+.3f}" if p["method"] == "BoN"
                  else f"k1 {p['kl_k1']:.3f}, win rate {p['win_rate']:.2f}")
-        print(f"{p['method']:<6} {p['setting']:<10} {p['gold']:+7.3f} {p['gold_se']:5.3f} {gain_gold:+7.3f} "
+        print(f"{p['method']:<6} {p['setting']:<12} {p['gold']:+7.3f} {p['gold_se']:5.3f} {gain_gold:+7.3f} "
               f"{p['kl']:6.3f} {rate} {p['score']:+6.3f} {p['broken']:6.2f}  {notes}")
 
     methods = ["PPO", "DPO", "BoN"]
@@ -254,30 +247,18 @@ def main(argv=None):
           "  the response resembles those rejected elsewhere, or when g_w and g_l align and the rejected one is\n"
           "  the larger (it grows as the rejected answers fall); the margin grows regardless. Measured in\n"
           "  python demos/dpo_puzzle.py; the derivation is in the docstring of minirlhf/dpo.py.")
-    print(f"total {time.perf_counter() - t0:.1f} s")
 
-    result = {"run": args.run, "seed": args.seed, "quick": args.quick, "settings": cfg, "sft_gold": sft_gold,
+    result = {"run": args.run, "settings": cfg, "sft_gold": sft_gold,
               "reward_norm_gain": gain, "pairs": len(pairs), "points": points, "frontier_at": at,
               "frontier_mean": mean_at, "answer": answer,
               "dpo_history": {str(b): h for b, h in histories.items()},
               "dpo_puzzle": {str(b): v for b, v in puzzle.items()}}
-    if args.json:
-        demo.write_json(args.json, result)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(points, sft_gold, args.plot)
-    return result
+    C.save_figure(args.plot, lambda plt: draw(plt, points, sft_gold))
+    return C.finish(args, "frontier", result, t0)
 
 
-def plot(points, sft_gold, path):
-    """Gold against KL, one line per method; skipped with a message when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: no figure written to {path}")
-        return
+def draw(plt, points, sft_gold):
+    """Gold against KL, one line per method."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for mth, marker in (("PPO", "o"), ("DPO", "s"), ("BoN", "^")):
         pts = sorted((p["kl"], p["gold"], p["setting"]) for p in points if p["method"] == mth)
@@ -290,9 +271,8 @@ def plot(points, sft_gold, path):
     ax.set_ylabel("gold score, unseen prompts")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    return fig
 
 
 if __name__ == "__main__":
-    main()
+    C.main_guard(main)

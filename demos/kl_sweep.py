@@ -1,11 +1,12 @@
 """KL sweep: "without constraints, the model may exploit the reward function; KL regularisation keeps
 language natural."
 
-    python demos/kl_sweep.py [--from runs/demo] [--betas 0 0.02 0.05 0.1 0.2 0.5] [--updates 100]
+    python demos/kl_sweep.py [--run runs/demo] [--kl-coefs 0 0.02 0.05 0.1 0.2 0.5] [--ppo-updates 100]
                              [--lr 1e-4] [--json kl_sweep.json] [--plot kl_sweep.png] [--quick]
 
 Method. PPO from the same SFT model against the same reward model (the demo run's), once per fixed KL
-coefficient beta, 0 included; each run starts from the same seed, so the arms differ only in beta. Each
+coefficient kl_coef (beta in the papers), 0 included; each run starts from the same seed, so the arms
+differ only in kl_coef. Each
 final policy answers the same unseen prompts once; for each we measure the proxy score (the normalised
 reward-model score PPO was paid, -1 for a response with no EOS), the gold score (world.gold, which the
 reward model only approximates) and the KL to the SFT model per response (the k1 estimate and the exact
@@ -14,23 +15,26 @@ scores against sqrt(KL): the proxy keeps rising while the gold rises, peaks and 
 gives the same curve over training (objective/scores, gold/score and objective/kl of each update's
 rollouts, on training prompts), smoothed over a few updates.
 
-Reading the output. Table 1, one row per beta (and the SFT model): proxy, gold, KL. Reward hacking is a
-row whose proxy is high and whose gold is below the SFT model's; KL regularisation works if some beta > 0
-keeps gold above the SFT model's. Table 2, the gold criteria behind each row's gold (means): where gold
-was lost. Table 3, the training curve of each beta: the best smoothed gold, when and at what KL it came,
-and the gold and proxy at the end; "over-optimised" marks a gold that fell from its peak while the proxy
-did not. Last, the beta = 0 policy's highest-proxy samples per family with their gold criteria: what
-exploiting the reward model looks like. The figure (--plot) shows the final points and the training
-curves against sqrt(KL).
+Reading the output. Table 1, one row per kl_coef (and the SFT model): proxy, gold, KL. Reward hacking is a
+row whose proxy is high and whose gold is below the SFT model's; KL regularisation works if some
+kl_coef > 0 keeps gold above the SFT model's. Table 2, the gold criteria behind each row's gold (means):
+where gold was lost. Table 3, the training curve of each kl_coef: the best smoothed gold, when and at what
+KL it came, and the gold and proxy at the end; "over-optimised" marks a gold that fell from its peak while
+the proxy did not. Last, the kl_coef = 0 policy's highest-proxy samples per family with their gold
+criteria: what exploiting the reward model looks like. The figure (--plot) shows the final points and the
+training curves against sqrt(KL).
 """
 import time
 
 import _common as C
 import numpy as np
 
+from minirlhf.cli import non_negative_float, positive_float, positive_int
 from minirlhf.world import CRITERIA, FAMILIES, behaviour, gold_breakdown
 
-QUICK = {"betas": [0.0, 0.1], "updates": 2, "batch_size": 8, "eval_prompts": 8}
+DEFAULTS = {"kl_coefs": [0.0, 0.02, 0.05, 0.1, 0.2, 0.5], "ppo_updates": 100, "lr": 1e-4, "batch_size": 64,
+            "eval_prompts": 400}
+QUICK = {"kl_coefs": [0.0, 0.1], "ppo_updates": 2, "batch_size": 8, "eval_prompts": 8}
 SMOOTH = 5  # updates in the moving average of the training curves
 FELL = 0.25  # gold units: a fall from the training peak larger than this counts as over-optimisation
 
@@ -85,7 +89,7 @@ def draw(plt, rows, curves, w):
     a.legend()
     for k, (beta, curve) in enumerate(curves.items()):
         xs = np.sqrt(np.maximum(curve["kl"], 0))
-        b.plot(xs, curve["gold"], "-", color=f"C{k}", label=f"beta {beta}")
+        b.plot(xs, curve["gold"], "-", color=f"C{k}", label=f"kl_coef {beta}")
         b.plot(xs, curve["proxy"], "--", color=f"C{k}")
     b.set(xlabel="sqrt(KL to SFT), nats^1/2 (k1, training rollouts)", ylabel="score",
           title=f"over training, {w}-update average: gold solid, proxy dashed")
@@ -95,44 +99,42 @@ def draw(plt, rows, curves, w):
     c.plot(curve["update"], curve["gold"], "-", label="gold")
     c.plot(curve["update"], curve["proxy"], "--", label="proxy (reward model)")
     c.axvline(curve["peak_update"], color="grey", linestyle=":", label="gold's peak")
-    c.set(xlabel="PPO update", ylabel="score", title=f"beta = {beta} over training ({w}-update average)")
+    c.set(xlabel="PPO update", ylabel="score", title=f"kl_coef = {beta} over training ({w}-update average)")
     c.legend(fontsize=8)
     return fig
 
 
 def main(argv=None):
-    ap = C.parser(__doc__)
-    ap.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.1, 0.2, 0.5],
-                    help="fixed KL coefficients, one PPO run each")
-    ap.add_argument("--updates", type=int, default=100, help="PPO updates per run (default 100)")
-    ap.add_argument("--lr", type=float, default=1e-4, help="PPO learning rate, decays linearly to 0")
-    ap.add_argument("--batch-size", type=int, default=64, help="rollouts per PPO update")
-    ap.add_argument("--eval-prompts", type=int, default=400, help="unseen prompts each policy answers")
-    args = C.parse_args(ap, argv, QUICK)
-    if min(args.betas) < 0 or args.updates < 1 or args.eval_prompts < 1:
-        ap.error("--betas must be >= 0, --updates and --eval-prompts >= 1")
+    ap = C.parser(__doc__, "python demos/kl_sweep.py")
+    ap.add_argument("--kl-coefs", type=non_negative_float, nargs="+",
+                    help=f"fixed KL coefficients, one PPO run each (default {DEFAULTS['kl_coefs']})")
+    ap.add_argument("--ppo-updates", type=positive_int, help="PPO updates per run (default 100)")
+    ap.add_argument("--lr", type=positive_float, help="PPO learning rate, decays linearly to 0 (default 1e-4)")
+    ap.add_argument("--batch-size", type=positive_int, help="rollouts per PPO update (default 64)")
+    ap.add_argument("--eval-prompts", type=positive_int, help="unseen prompts each policy answers (default 400)")
+    args = C.parse(ap, argv, QUICK, DEFAULTS)
     w = 1 if args.quick else SMOOTH
     t0 = time.perf_counter()
-    start = C.starting_point(args.run_dir, args.quick, np.random.default_rng(args.seed))
-    rm, norm, sft = start["reward_model"], start["norm"], start["sft"]
+    start = C.starting_point(args)
+    rm, sft = start["reward_model"], start["sft"]
     prompts = C.eval_prompts(start, args.eval_prompts, args.seed)
 
-    policies, curves = {"SFT": (None, sft)}, {}  # name -> (beta, policy)
-    for beta in args.betas:
-        print(f"\n== PPO with beta = {beta} ({args.updates} updates, lr {args.lr}) " + "=" * 30, flush=True)
+    policies, curves = {"SFT": (None, sft)}, {}  # name -> (kl_coef, policy)
+    for kl_coef in args.kl_coefs:
+        print(f"\n== PPO with kl_coef = {kl_coef} ({args.ppo_updates} updates, lr {args.lr}) " + "=" * 30, flush=True)
         t = time.perf_counter()
-        policy, history = C.train_policy(start, rm, norm, np.random.default_rng(args.seed), args.updates, args.lr,
-                                         beta, args.batch_size)
-        policies[f"beta {beta}"] = (beta, policy)
-        curves[beta] = training_curve(history, w)
-        curves[beta]["seconds"] = time.perf_counter() - t
+        policy, history = C.train_policy(start, rm, np.random.default_rng(args.seed), args.ppo_updates, args.lr,
+                                         kl_coef, args.batch_size)
+        policies[f"kl_coef {kl_coef}"] = (kl_coef, policy)
+        curves[kl_coef] = training_curve(history, w)
+        curves[kl_coef]["seconds"] = time.perf_counter() - t
 
     rows, evals = [], {}
-    for name, (beta, policy) in policies.items():
-        ev = evals[name] = C.evaluate_policy(policy, sft, rm, norm, prompts, np.random.default_rng([args.seed, 2]))
+    for name, (kl_coef, policy) in policies.items():
+        ev = evals[name] = C.evaluate_policy(policy, sft, rm, prompts, np.random.default_rng([args.seed, 2]))
         crit = {c: float(np.mean([gold_breakdown(p, s, e)[c] for p, (s, e) in zip(prompts, ev["samples"])]))
                 for c in CRITERIA}
-        rows.append({"name": name, "beta": beta,
+        rows.append({"name": name, "kl_coef": kl_coef,
                      **{k: ev[k] for k in ("proxy", "gold", "gold_se", "kl", "kl_exact", "length", "ended")},
                      "criteria": crit})
 
@@ -146,14 +148,14 @@ def main(argv=None):
     print(C.table([("policy", 10, "")] + [(c, 10, "+.3f") for c in CRITERIA],
                   [(r["name"], *r["criteria"].values()) for r in rows]))
     print(f"\n3. over training ({w}-update average of each update's rollouts, training prompts)")
-    print(C.table([("beta", 6, ""), ("peak gold", 9, "+.3f"), ("at update", 9, "d"), ("KL there", 8, ".2f"),
+    print(C.table([("kl_coef", 7, ""), ("peak gold", 9, "+.3f"), ("at update", 9, "d"), ("KL there", 8, ".2f"),
                    ("last gold", 9, "+.3f"), ("last proxy", 10, "+.3f"), ("last KL", 7, ".2f"),
                    ("over-optimised", 14, "")],
                   [(b, c["peak_gold"], c["peak_update"], c["peak_kl"], c["last_gold"], c["last_proxy"],
                     c["last_kl"], "yes" if c["over_optimised"] else "no") for b, c in curves.items()]))
-    hack_beta = min(args.betas)
-    samples = hacking_samples(prompts, evals[f"beta {hack_beta}"])
-    print(f"\n4. what the beta = {hack_beta} policy writes: its highest-proxy samples per family")
+    hack = min(args.kl_coefs)
+    samples = hacking_samples(prompts, evals[f"kl_coef {hack}"])
+    print(f"\n4. what the kl_coef = {hack} policy writes: its highest-proxy samples per family")
     for s in samples:
         lost = ", ".join(f"{c} {v:+.1f}" for c, v in s["criteria"].items() if v)
         print(f"  {s['prompt'][:26]:<26} -> {s['response'] + ('' if s['ended'] else '...')!r:<34} "
@@ -165,4 +167,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    C.main_guard(main)

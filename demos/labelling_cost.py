@@ -1,7 +1,7 @@
 """Labelling cost: "high labelling cost". How much PPO improves the gold score, against the number of
 preference labels the reward model learnt from.
 
-    python demos/labelling_cost.py [--from runs/demo] [--labels 10 25 50 150 500 1500] [--seeds 3]
+    python demos/labelling_cost.py [--run runs/demo] [--labels 10 25 50 150 500 1500] [--seeds 3]
                                    [--json labelling_cost.json] [--plot labelling_cost.png] [--quick]
 
 The unit. One label is one ranked prompt: the annotator orders the demo's K (8) SFT samples of one prompt
@@ -29,44 +29,45 @@ import time
 import _common as C
 import numpy as np
 
+from minirlhf import pipeline as P
 from minirlhf.annotator import scored_pairs
-from minirlhf.demo import ANNOTATOR, K, LABEL_FAMILY_WEIGHTS, MODEL, collect_preferences, run_reward_model
+from minirlhf.cli import positive_int
 from minirlhf.reward import evaluate
 
-QUICK = {"labels": [8, 16], "seeds": 1, "val_labels": 8, "rm_steps": 2, "updates": 2, "batch_size": 8,
+K = P.K
+DEFAULTS = {"labels": [10, 25, 50, 150, 500, 1500], "seeds": 3, **C.PIPELINE_DEFAULTS}
+QUICK = {"labels": [8, 16], "seeds": 1, "val_labels": 8, "rm_steps": 2, "ppo_updates": 2, "batch_size": 8,
          "eval_prompts": 16}
 
 
 def main(argv=None):
-    ap = C.parser(__doc__)
-    ap.add_argument("--labels", type=int, nargs="+", default=[10, 25, 50, 150, 500, 1500],
-                    help=f"budgets: ranked prompts (K = {K} responses each)")
-    ap.add_argument("--seeds", type=int, default=3, help="repetitions with different pools and PPO runs")
+    ap = C.parser(__doc__, "python demos/labelling_cost.py")
+    ap.add_argument("--labels", type=positive_int, nargs="+",
+                    help=f"budgets: ranked prompts (K = {K} responses each; default {DEFAULTS['labels']})")
+    ap.add_argument("--seeds", type=positive_int, help="repetitions with different pools and PPO runs (default 3)")
     C.add_pipeline_args(ap)
-    args = C.parse_args(ap, argv, QUICK)
+    args = C.parse(ap, argv, QUICK, DEFAULTS)
     args.labels = sorted(set(args.labels))
-    if min(*args.labels, args.seeds, args.val_labels, args.rm_steps, args.updates, args.eval_prompts) < 1:
-        ap.error("label budgets and counts must be >= 1")
     t0 = time.perf_counter()
-    start = C.starting_point(args.run_dir, args.quick, np.random.default_rng(args.seed), need_reward_model=False)
+    start = C.starting_point(args)
     sft, train_prompts = start["sft"], start["train_prompts"]
     prompts = C.eval_prompts(start, args.eval_prompts, args.seed)
     eval_seed = [args.seed, 4]  # every policy answers with the same random stream
-    sft_eval = C.evaluate_policy(sft, sft, None, None, prompts, np.random.default_rng(eval_seed))
+    sft_eval = C.evaluate_policy(sft, sft, None, prompts, np.random.default_rng(eval_seed))
     sft_gold = sft_eval["gold"]
 
     runs = {n: [] for n in args.labels}
     for s in range(args.seeds):
         rng = np.random.default_rng([args.seed, s])
-        pool = collect_preferences(sft, train_prompts, max(args.labels), rng, family_weights=LABEL_FAMILY_WEIGHTS)
-        val_cmp = collect_preferences(sft, start["val_prompts"], args.val_labels, rng)
+        pool = P.collect_preferences(sft, train_prompts, max(args.labels), rng, family_weights=P.LABEL_FAMILY_WEIGHTS)
+        val_cmp = P.collect_preferences(sft, start["val_prompts"], args.val_labels, rng)
         for n in args.labels:
             print(f"\n== seed {s}: {n} ranked prompts " + "=" * 50, flush=True)
             rng_n = np.random.default_rng([args.seed, s, n])
-            rm, norm, _ = run_reward_model(sft, train_prompts, pool[:n], val_cmp, args.rm_steps, rng_n)
-            ev_rm = evaluate(rm, MODEL, val_cmp, ANNOTATOR)
-            policy, _ = C.train_policy(start, rm, norm, rng_n, args.updates, args.lr, args.beta, args.batch_size)
-            ev = C.evaluate_policy(policy, sft, rm, norm, prompts, np.random.default_rng(eval_seed))
+            rm, _ = P.run_reward_model(sft, train_prompts, pool[:n], val_cmp, args.rm_steps, rng_n)
+            ev_rm = evaluate(rm, val_cmp, P.ANNOTATOR)
+            policy, _ = C.train_policy(start, rm, rng_n, args.ppo_updates, args.lr, args.kl_coef, args.batch_size)
+            ev = C.evaluate_policy(policy, sft, rm, prompts, np.random.default_rng(eval_seed))
             runs[n].append({"seed": s, "pairs": sum(len(scored_pairs(c)) for c in pool[:n]),
                             "rm_accuracy": ev_rm["accuracy"], "ceiling": ev_rm["ceiling"],
                             "proxy": ev["proxy"], "gold": ev["gold"], "gold_se": ev["gold_se"], "kl": ev["kl"]})
@@ -110,4 +111,4 @@ def draw(plt, rows):
 
 
 if __name__ == "__main__":
-    main()
+    C.main_guard(main)

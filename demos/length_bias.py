@@ -1,7 +1,7 @@
 """Length bias: "human bias in feedback". An annotator who likes long answers teaches the reward model to
 like them, and PPO then lengthens answers while the gold score, which penalises rambling, suffers.
 
-    python demos/length_bias.py [--from runs/demo] [--length-bias 0.1 0.25 0.5] [--labels 750]
+    python demos/length_bias.py [--run runs/demo] [--length-bias 0.1 0.25 0.5] [--labels 750]
                                 [--json length_bias.json] [--plot length_bias.png] [--quick]
 
 Method. Arms from the same SFT model, the same prompts and the same seeds, differing only in the
@@ -30,13 +30,15 @@ from dataclasses import replace
 import _common as C
 import numpy as np
 
+from minirlhf import pipeline as P
 from minirlhf.annotator import utility
-from minirlhf.demo import ANNOTATOR, K, LABEL_FAMILY_WEIGHTS, MODEL, PRESETS, collect_preferences, run_reward_model
-from minirlhf.reward import evaluate
-from minirlhf.sft import sample_responses
+from minirlhf.cli import positive_float, positive_int
+from minirlhf.reward import evaluate, score_samples
+from minirlhf.transformer import sample_responses
 from minirlhf.world import CONCISE_CHARS, FAMILIES, behaviour_metrics, gold, gold_breakdown
 
-QUICK = {"length_bias": [0.25], "labels": 16, "val_labels": 8, "rm_steps": 2, "updates": 2, "batch_size": 8,
+DEFAULTS = {"length_bias": [0.1, 0.25, 0.5], "labels": P.STEPS["default"]["labels"], **C.PIPELINE_DEFAULTS}
+QUICK = {"length_bias": [0.25], "labels": 16, "val_labels": 8, "rm_steps": 2, "ppo_updates": 2, "batch_size": 8,
          "eval_prompts": 16}
 
 
@@ -56,23 +58,22 @@ def correlations(x, y, families):
 
 
 def main(argv=None):
-    ap = C.parser(__doc__)
-    ap.add_argument("--length-bias", type=float, nargs="+", default=[0.1, 0.25, 0.5],
-                    help="biased annotators' utility per character (an unbiased arm is always added)")
-    ap.add_argument("--labels", type=int, default=PRESETS["default"]["labels"],
-                    help=f"prompts ranked by each annotator (K = {K} each; default: the demo's)")
+    ap = C.parser(__doc__, "python demos/length_bias.py")
+    ap.add_argument("--length-bias", type=positive_float, nargs="+",
+                    help="biased annotators' utility per character (an unbiased arm is always added; "
+                         "default 0.1 0.25 0.5)")
+    ap.add_argument("--labels", type=positive_int,
+                    help=f"prompts ranked by each annotator (K = {P.K} each; default: the demo's)")
     C.add_pipeline_args(ap)
-    args = C.parse_args(ap, argv, QUICK)
-    if min(args.labels, args.val_labels, args.rm_steps, args.updates, args.eval_prompts) < 1 or args.beta < 0:
-        ap.error("counts must be >= 1 and --beta >= 0")
+    args = C.parse(ap, argv, QUICK, DEFAULTS)
     t0 = time.perf_counter()
-    start = C.starting_point(args.run_dir, args.quick, np.random.default_rng(args.seed), need_reward_model=False)
+    start = C.starting_point(args)
     sft = start["sft"]
     prompts = C.eval_prompts(start, args.eval_prompts, args.seed)
-    biases = [0.0] + sorted(set(args.length_bias) - {0.0})
+    biases = [0.0] + sorted(set(args.length_bias))
 
     # One SFT sample per unseen prompt: where the reward models' and the annotators' tastes are compared.
-    samples = sample_responses(sft, MODEL, [p.text for p in prompts], np.random.default_rng([args.seed, 2]))
+    samples = sample_responses(sft, [p.text for p in prompts], np.random.default_rng([args.seed, 2]))
     ended = [i for i, (_, e) in enumerate(samples) if e]
     ended_prompts, ended_samples = [prompts[i] for i in ended], [samples[i] for i in ended]
     lengths, families = [len(s) for s, _ in ended_samples], [p.family for p in ended_prompts]
@@ -80,23 +81,22 @@ def main(argv=None):
 
     arms, policies, reward_models = {}, {"SFT": sft}, {}
     for b in biases:
-        annotator = replace(ANNOTATOR, length_bias=b)
+        annotator = replace(P.ANNOTATOR, length_bias=b)
         print(f"\n== annotator with length bias {b} " + "=" * 40, flush=True)
         rng = np.random.default_rng(args.seed)  # the same stream in every arm: the same responses get ranked
-        train_cmp = collect_preferences(sft, start["train_prompts"], args.labels, rng, annotator,
-                                        family_weights=LABEL_FAMILY_WEIGHTS)
-        val_cmp = collect_preferences(sft, start["val_prompts"], args.val_labels, rng, annotator)
-        rm, norm, _ = run_reward_model(sft, start["train_prompts"], train_cmp, val_cmp, args.rm_steps, rng,
-                                       annotator)
-        ev_rm = evaluate(rm, MODEL, val_cmp, annotator)
-        reward_models[b] = (rm, norm)
-        policies[b], _ = C.train_policy(start, rm, norm, np.random.default_rng([args.seed, 3]), args.updates,
-                                        args.lr, args.beta, args.batch_size)
+        train_cmp = P.collect_preferences(sft, start["train_prompts"], args.labels, rng, annotator,
+                                          family_weights=P.LABEL_FAMILY_WEIGHTS)
+        val_cmp = P.collect_preferences(sft, start["val_prompts"], args.val_labels, rng, annotator)
+        rm, _ = P.run_reward_model(sft, start["train_prompts"], train_cmp, val_cmp, args.rm_steps, rng, annotator)
+        ev_rm = evaluate(rm, val_cmp, annotator)
+        reward_models[b] = rm
+        policies[b], _ = C.train_policy(start, rm, np.random.default_rng([args.seed, 3]), args.ppo_updates,
+                                        args.lr, args.kl_coef, args.batch_size)
         arms[b] = {"annotator_length_corr": correlations(
                        [utility(p, s, annotator) for p, (s, _) in zip(ended_prompts, ended_samples)], lengths,
                        families),
-                   "rm_length_corr": correlations(C.proxy_scores(rm, norm, ended_prompts, ended_samples), lengths,
-                                                  families),
+                   "rm_length_corr": correlations(score_samples(rm, [p.text for p in ended_prompts], ended_samples),
+                                                  lengths, families),
                    "rm_accuracy": ev_rm["accuracy"], "ceiling": ev_rm["ceiling"]}
 
     reward_models["SFT"] = reward_models[0.0]  # the SFT model's proxy: the unbiased reward model's score
@@ -110,8 +110,7 @@ def main(argv=None):
 
     results, lengths_each = {}, {}
     for name, policy in policies.items():
-        rm, norm = reward_models[name]
-        ev = C.evaluate_policy(policy, sft, rm, norm, prompts, np.random.default_rng([args.seed, 4]))
+        ev = C.evaluate_policy(policy, sft, reward_models[name], prompts, np.random.default_rng([args.seed, 4]))
         behaviour = behaviour_metrics([p.text for p in prompts], [s for s, _ in ev["samples"]],
                                       [e for _, e in ev["samples"]])
         lengths_each[name] = ev["length_each"]
@@ -160,4 +159,4 @@ def draw(plt, lengths_each, results):
 
 
 if __name__ == "__main__":
-    main()
+    C.main_guard(main)

@@ -1,7 +1,7 @@
 """A PyTorch port of minirlhf's transformer, value head, PPO losses and Bradley-Terry loss, checked with the
 conformance kit and the golden fixtures: what a porter runs against their own code.
 
-    python demos/port_torch.py [--fixtures tests/fixtures] [--json out.json]
+    python demos/port_torch.py [--fixtures DIR] [--json out.json] [--quick]
 
 torch is optional (never an install requirement): without it this script says so and exits 0.
 
@@ -27,7 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import minirlhf  # noqa: E402,F401  (first: one BLAS thread before NumPy loads)
+import minirlhf  # noqa: E402,F401  (one BLAS thread per call: minirlhf/fast.py)
 import numpy as np  # noqa: E402
 
 try:
@@ -209,15 +209,19 @@ def ppo_minibatch_pair(cfg):
 # ---------------------------------------------------------------- checking it
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fixtures", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    from minirlhf.kit.fixtures import GOLDEN
+    ap = argparse.ArgumentParser(prog="python demos/port_torch.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--fixtures", default=GOLDEN, help="the golden fixtures (default: the set minirlhf ships)")
     ap.add_argument("--json", help="write the agreement figures here")
+    ap.add_argument("--quick", action="store_true", help="3 hypothesis examples per property instead of the "
+                                                          "checks' defaults (seconds)")
     args = ap.parse_args(argv)
     if torch is None:
         print("torch is not installed: nothing to check (pip install torch to run the port). Exiting cleanly.")
         return 0
-    from minirlhf import conformance as K, fixtures as FX, transformer as tf
-    from minirlhf.testing import TINY, tiny_model
+    from minirlhf import transformer as tf
+    from minirlhf.kit import conformance as K, fixtures as FX
+    from minirlhf.kit.inputs import KIT_MODEL as TINY, tiny_model
     torch.set_num_threads(1)
     ported = {"transformer": model_pair(TINY, None), "value_model": model_pair(TINY, "value"),
               "token_logprobs": pair(token_logprobs, ["logits"]), "policy_loss": pair(policy_loss, ["logp"]),
@@ -228,14 +232,14 @@ def main(argv=None):
     result, failed = {"kit": {}, "fixtures": {}, "direct": {}}, []
     for name, check in checks.items():
         try:
-            errors = check(*ported[name])
+            errors = check(*ported[name], **({"max_examples": 3} if args.quick else {}))
             result["kit"][name] = max(errors.values())
             print(f"kit      {name:15s} | properties ok | worst gradient relative error {max(errors.values()):.1e}")
         except AssertionError as e:
             failed.append(f"kit {name}: {e}")
             print(f"kit      {name:15s} | FAILED: {str(e).splitlines()[0]}")
     with open(os.path.join(args.fixtures, "index.json")) as f:
-        fcfg = tf.Config(**json.load(f)["config"])
+        fcfg = tf.GPTConfig(**json.load(f)["config"])
     on_fixture_cfg = {"transformer": model_pair(fcfg, None), "ppo_minibatch": ppo_minibatch_pair(fcfg)}
     for name in ("transformer", "token_logprobs", "policy_loss", "value_loss", "bt_loss", "ppo_minibatch"):
         try:

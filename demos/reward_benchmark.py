@@ -14,19 +14,20 @@ Labelling cost. On the first seed's SFT model: reward models trained with the de
 of one pool of pairwise labels (one prompt, two SFT samples, the annotator's choice: one human judgement
 each), scored on that seed's held-out rankings.
 """
-import argparse
-import json
 import time
 
-import minirlhf  # noqa: F401  (first: one BLAS thread before NumPy loads)
+import _common as C
 import numpy as np
 
+from minirlhf import pipeline as P
 from minirlhf.annotator import sample_comparisons
-from minirlhf.demo import (ANNOTATOR, FULL_REWARD_MODEL, MODEL, PRESETS, preference_data, run_reward_model,
-                           run_sft)
+from minirlhf.cli import non_negative_int, positive_int
 from minirlhf.reward import evaluate, sums_checked
-from minirlhf.sft import sample_responses
-from minirlhf.world import FAMILIES, all_prompts, sample_prompts, split_prompts
+from minirlhf.transformer import sample_responses
+from minirlhf.world import FAMILIES, sample_prompts
+
+DEFAULTS = {"seeds": [0, 1, 2, 3, 4], "labels": [100, 300, 1000, 3000], "sft_steps": P.STEPS["default"]["sft_steps"]}
+QUICK = {"seeds": [0], "labels": [8], "sft_steps": 20, "rm_steps": 2, "rankings": 16}
 
 
 def share(ev):
@@ -36,36 +37,36 @@ def share(ev):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="demo seeds")
-    ap.add_argument("--labels", type=int, nargs="*", default=[100, 300, 1000, 3000],
-                    help="pairwise label counts for the labelling-cost curve (none: skip it)")
+    ap = C.parser(__doc__, "python demos/reward_benchmark.py", starts_from_a_run=False)
+    ap.add_argument("--seeds", type=non_negative_int, nargs="+", help="demo seeds (default 0 1 2 3 4)")
+    ap.add_argument("--labels", type=positive_int, nargs="+",
+                    help="pairwise label counts for the labelling-cost curve (default 100 300 1000 3000)")
+    ap.add_argument("--no-labelling-cost", action="store_true", help="skip the labelling-cost curve")
     ap.add_argument("--full", action="store_true", help="the demo's --full-reward-model recipe")
-    ap.add_argument("--sft-steps", type=int, default=PRESETS["default"]["sft_steps"])
-    ap.add_argument("--rm-steps", type=int, help="reward-model steps (default: the demo's, or --full's)")
-    ap.add_argument("--rankings", type=int, help="ranked prompts (default: the demo's, or --full's)")
-    ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args(argv)
-    defaults = FULL_REWARD_MODEL if args.full else PRESETS["default"]
-    args.rm_steps = defaults["rm_steps"] if args.rm_steps is None else args.rm_steps
-    args.rankings = defaults["labels"] if args.rankings is None else args.rankings
-    if min(args.labels, default=1) < 1 or min(args.sft_steps, args.rm_steps, args.rankings) < 1:
-        ap.error("--labels, --sft-steps, --rm-steps and --rankings must be positive")
+    ap.add_argument("--sft-steps", type=positive_int, help="SFT steps (default: the demo's)")
+    ap.add_argument("--rm-steps", type=positive_int, help="reward-model steps (default: the demo's, or --full's)")
+    ap.add_argument("--rankings", type=positive_int, help="ranked prompts (default: the demo's, or --full's)")
+    args = C.parse(ap, argv, QUICK, DEFAULTS)
+    if args.quick and args.full:
+        ap.error("--quick and --full do not go together")
+    recipe = P.FULL_REWARD_MODEL if args.full else P.STEPS["default"]
+    C.apply_preset(args, {"rm_steps": recipe["rm_steps"], "rankings": recipe["labels"]})
+    t0 = time.perf_counter()
     quiet = lambda line: None  # noqa: E731
     print(f"{'seed':>4} {'accuracy':>9} {'expected':>9} {'ceiling':>8} {'of ceiling':>10} {'sums':>5} "
           f"{'rm seconds':>10}   expected / ceiling per family")
     results = {"seeds": [], "labelling_cost": []}
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
-        train_prompts, val_prompts = split_prompts(all_prompts(), 0.25, rng)
-        policy, _ = run_sft(train_prompts, val_prompts, args.sft_steps, rng, log=quiet)
-        train_cmp, val_cmp = preference_data(policy, train_prompts, val_prompts, args.rankings, rng)
+        train_prompts, val_prompts = P.split(rng)
+        policy, _ = P.run_sft(train_prompts, val_prompts, args.sft_steps, rng, log=quiet)
+        train_cmp, val_cmp = P.preference_data(policy, train_prompts, val_prompts, args.rankings, rng)
         t = time.perf_counter()
-        reward_model, _, _ = run_reward_model(policy, train_prompts, train_cmp, val_cmp, args.rm_steps, rng, log=quiet,
-                                              full=args.full)
+        reward_model, _ = P.run_reward_model(policy, train_prompts, train_cmp, val_cmp, args.rm_steps, rng, log=quiet,
+                                             full=args.full)
         seconds = time.perf_counter() - t
-        ev = evaluate(reward_model, MODEL, val_cmp, ANNOTATOR)
-        of, (sums, n_sums) = share(ev), sums_checked(reward_model, MODEL, val_cmp)
+        ev = evaluate(reward_model, val_cmp, P.ANNOTATOR)
+        of, (sums, n_sums) = share(ev), sums_checked(reward_model, val_cmp)
         results["seeds"].append({"seed": seed, "accuracy": ev["accuracy"], "expected_accuracy": ev["expected_accuracy"],
                                  "ceiling": ev["ceiling"], "of_ceiling": of, "sums_checked": sums,
                                  "sum_pairs": n_sums, "seconds": seconds,
@@ -79,30 +80,44 @@ def main(argv=None):
     shares = [r["of_ceiling"]["all"] for r in results["seeds"]]
     print(f"of ceiling over {len(shares)} seeds: mean {np.mean(shares):.1%}, min {min(shares):.1%}, "
           f"max {max(shares):.1%}; {sum(s >= 0.9 for s in shares)} of {len(shares)} at 90% or more")
-    if args.labels:
+    if not args.no_labelling_cost:
         policy, train_prompts, val_cmp, rng = first
-        sampler = lambda texts, r: sample_responses(policy, MODEL, texts, r)  # noqa: E731
-        pool = sample_comparisons(sample_prompts(train_prompts, max(args.labels), rng), sampler, 2, ANNOTATOR, rng)
-        recipe = "the --full reward-model recipe" if args.full else "the demo's reward-model recipe"
-        print(f"\nlabelling cost (seed {args.seeds[0]}): pairwise labels, {recipe}")
+        sampler = lambda texts, r: sample_responses(policy, texts, r)  # noqa: E731
+        pool = sample_comparisons(sample_prompts(train_prompts, max(args.labels), rng), sampler, 2, P.ANNOTATOR, rng)
+        print(f"\nlabelling cost (seed {args.seeds[0]}): pairwise labels, "
+              f"{'the --full reward-model recipe' if args.full else 'the demo reward-model recipe'}")
         print(f"{'labels':>7} {'accuracy':>9} {'expected':>9} {'ceiling':>8} {'of ceiling':>10} {'seconds':>8}")
-        for n in args.labels:
+        for n in sorted(set(args.labels)):
             r = np.random.default_rng([args.seeds[0], n])
             t = time.perf_counter()
-            reward_model, _, _ = run_reward_model(policy, train_prompts, pool[:n], val_cmp, args.rm_steps, r, log=quiet,
-                                                  full=args.full)
+            reward_model, _ = P.run_reward_model(policy, train_prompts, pool[:n], val_cmp, args.rm_steps, r,
+                                                 log=quiet, full=args.full)
             seconds = time.perf_counter() - t
-            ev = evaluate(reward_model, MODEL, val_cmp, ANNOTATOR)
+            ev = evaluate(reward_model, val_cmp, P.ANNOTATOR)
             results["labelling_cost"].append({"labels": n, "accuracy": ev["accuracy"], "seconds": seconds,
                                               "expected_accuracy": ev["expected_accuracy"], "ceiling": ev["ceiling"],
                                               "of_ceiling": share(ev)})
             print(f"{n:7d} {ev['accuracy']:9.3f} {ev['expected_accuracy']:9.3f} {ev['ceiling']:8.3f} "
                   f"{ev['expected_accuracy'] / ev['ceiling']:10.1%} {seconds:8.1f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return results
+    C.save_figure(args.plot, lambda plt: draw(plt, results))
+    return C.finish(args, "reward_benchmark", results, t0)
+
+
+def draw(plt, results):
+    """Share of the ceiling per seed (left) and against the number of pairwise labels (right)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    seeds = results["seeds"]
+    a.bar([str(r["seed"]) for r in seeds], [r["of_ceiling"]["all"] for r in seeds], color="C0")
+    a.axhline(0.9, color="grey", linestyle=":", label="90% of the ceiling")
+    a.set(xlabel="seed", ylabel="expected agreement / ceiling", ylim=(0.5, 1.0), title="reward model, held out")
+    a.legend()
+    cost = results["labelling_cost"]
+    if cost:
+        b.plot([r["labels"] for r in cost], [r["of_ceiling"]["all"] for r in cost], "o-")
+        b.set(xscale="log", xlabel="pairwise labels", ylabel="expected agreement / ceiling",
+              title="labelling cost")
+    return fig
 
 
 if __name__ == "__main__":
-    main()
+    C.main_guard(main)

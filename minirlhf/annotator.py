@@ -18,7 +18,7 @@ from itertools import combinations
 import numpy as np
 from scipy.special import expit
 
-from minirlhf.world import get_prompt, gold
+from .world import get_prompt, gold
 
 # ----------------------------------------------------------------------------- the simulated annotator
 
@@ -32,20 +32,20 @@ class AnnotatorConfig:
             raise ValueError(f"annotator temperature must be > 0, got {self.temperature}")
 
 
-def utility(prompt, response, cfg):
+def utility(prompt, response, annotator):
     """The annotator's utility u = gold + length_bias * len(text); response is text or (text, ended)."""
     text, ended = (response, True) if isinstance(response, str) else response
-    return gold(prompt, text, ended) + cfg.length_bias * len(text)
+    return gold(prompt, text, ended) + annotator.length_bias * len(text)
 
 
-def prefer_probability(prompt, a, b, cfg):
+def prefer_probability(prompt, a, b, annotator):
     """Probability that the annotator prefers a to b: sigmoid((u(a) - u(b)) / temperature)."""
-    return float(expit((utility(prompt, a, cfg) - utility(prompt, b, cfg)) / cfg.temperature))
+    return float(expit((utility(prompt, a, annotator) - utility(prompt, b, annotator)) / annotator.temperature))
 
 
-def annotate_pair(prompt, a, b, cfg, rng):
+def annotate_pair(prompt, a, b, annotator, rng):
     """The annotator's choice between a and b: 0 if it prefers a, 1 if b. One uniform draw."""
-    return 0 if rng.random() < prefer_probability(prompt, a, b, cfg) else 1
+    return 0 if rng.random() < prefer_probability(prompt, a, b, annotator) else 1
 
 
 def _softmax(u, temperature):
@@ -54,14 +54,14 @@ def _softmax(u, temperature):
     return w / w.sum()
 
 
-def rank(prompt, responses, cfg, rng):
+def rank(prompt, responses, annotator, rng):
     """Plackett-Luce ranking of K responses, best first, as indices: pick one of those left with probability
     softmax(u / temperature), one uniform draw per pick (the last is free). For K = 2 it uses the same draw as
     `annotate_pair` and makes the same choice."""
-    u = [utility(prompt, r, cfg) for r in responses]
+    u = [utility(prompt, r, annotator) for r in responses]
     left, order = list(range(len(responses))), []
     while len(left) > 1:
-        cdf = np.cumsum(_softmax([u[i] for i in left], cfg.temperature))
+        cdf = np.cumsum(_softmax([u[i] for i in left], annotator.temperature))
         pick = int(np.searchsorted(cdf, rng.random(), side="right"))
         order.append(left.pop(min(pick, len(left) - 1)))  # min: the cdf may end just below 1
     return order + left
@@ -81,7 +81,7 @@ class Comparison:
             raise ValueError(f"comparison for {self.prompt!r}: ranking or ended does not match the responses")
 
 
-def sample_comparisons(prompts, sample_fn, k, cfg, rng):
+def sample_comparisons(prompts, sample_fn, k, annotator, rng):
     """InstructGPT data collection: per prompt, K responses from sample_fn ranked by the annotator.
     sample_fn(prompt_texts, rng) -> [(text, ended), ...] is called once, each prompt repeated K times."""
     if k < 2:
@@ -91,7 +91,7 @@ def sample_comparisons(prompts, sample_fn, k, cfg, rng):
     if len(samples) != len(texts) * k:
         raise ValueError(f"sample_fn returned {len(samples)} responses for {len(texts) * k} prompts")
     groups = [samples[i * k:(i + 1) * k] for i in range(len(texts))]
-    return [Comparison(t, tuple(r for r, _ in g), tuple(e for _, e in g), tuple(rank(t, g, cfg, rng)))
+    return [Comparison(t, tuple(r for r, _ in g), tuple(e for _, e in g), tuple(rank(t, g, annotator, rng)))
             for t, g in zip(texts, groups)]
 
 
@@ -106,10 +106,10 @@ def to_pairs(comparisons):
     return [(c.prompt, c.responses[w], c.responses[l]) for c in comparisons for w, l in scored_pairs(c)]
 
 
-def ceiling_accuracy(comparisons, cfg):
+def ceiling_accuracy(comparisons, annotator):
     """Exact expected accuracy of the best possible predictor of the annotator's labels on the pairs of
     `to_pairs`: the mean over pairs of max(p, 1 - p), p = prefer_probability (no sampling)."""
-    p = np.array([prefer_probability(c.prompt, c.responses[w], c.responses[l], cfg)
+    p = np.array([prefer_probability(c.prompt, c.responses[w], c.responses[l], annotator)
                   for c in comparisons for w, l in scored_pairs(c)])
     if len(p) == 0:
         raise ValueError("no pairs of ended responses to compute a ceiling over")

@@ -15,12 +15,12 @@ The machine's matmul throughput is the better of one product and two products at
 the step may use both cores, so it is measured against both. (With BLAS at one thread a call, one product
 uses one core; two at once, two.)
 
-Threads: minirlhf/__init__.py sets OPENBLAS_NUM_THREADS=1 when the user has not chosen and NumPy is not yet
-loaded; BLAS then runs one thread a call, and the transformer runs the two halves of a batch on two threads
-of its own (fast.py). The second output line says what was in force.
+Threads: importing minirlhf sets BLAS to one thread a call unless the environment chose a count, and the
+transformer runs the two halves of a batch on two threads of its own (fast.py). The second output line says
+what was in force.
 
 Timings are medians over --steps steps after warm-up; a 2-core machine's speed drifts by 30-50% within a
-minute (PERFORMANCE_NOTES.md), so compare figures from one run, not across runs.
+minute (fast.py), so compare figures from one run, not across runs.
 """
 import argparse
 import json
@@ -34,16 +34,15 @@ import numpy as np
 from . import fast
 from . import layers as L
 from . import transformer as tf
-from .tokenizer import BOS, VOCAB_SIZE
+from .pipeline import DEMO_MODEL
+from .tokenizer import BOS
 
-DEMO = tf.Config(vocab_size=VOCAB_SIZE, n_ctx=64, n_layer=2, n_head=4, n_embd=64)
 
-
-def step_flops(cfg, B, T):
+def step_flops(model_cfg, B, T):
     """Matmul FLOPs of one forward+backward step (3x the forward's)."""
-    N, C, H, D = B * T, cfg.n_embd, cfg.n_head, cfg.n_embd // cfg.n_head
+    N, C, H, D = B * T, model_cfg.n_embd, model_cfg.n_head, model_cfg.n_embd // model_cfg.n_head
     per_layer = 2 * N * C * 3 * C + 2 * (2 * B * H * T * T * D) + 2 * N * C * C + 2 * (2 * N * C * 4 * C)
-    return 3 * (cfg.n_layer * per_layer + 2 * N * C * cfg.vocab_size)
+    return 3 * (model_cfg.n_layer * per_layer + 2 * N * C * model_cfg.vocab_size)
 
 
 def matmul_gflops(dtype, n=1024, repeats=10, threads=1):
@@ -73,47 +72,48 @@ def median_ms(fn, steps, warmup=3):
     return 1000 * float(np.median(times))
 
 
-def train_step_fn(params, cfg, tokens):
+def train_step_fn(params, model_cfg, tokens):
     mask = np.ones(tokens.shape, np.int64)
 
     def step():
-        logits, cache = tf.forward(params, cfg, tokens[:, :-1])
+        logits, cache = tf.forward(params, model_cfg, tokens[:, :-1])
         _, ce = L.cross_entropy_forward(logits, tokens[:, 1:], mask[:, 1:])
         return tf.backward(L.cross_entropy_backward(1.0, ce), cache)
     return step
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m minirlhf.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20, help="timed steps per figure (median reported)")
     ap.add_argument("--batch", type=int, default=32, help="sequences per training step")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         ap.error("--steps and --batch must be >= 1")
-    cfg, B, T = DEMO, args.batch, DEMO.n_ctx
+    fast.keep_freed_memory()  # an entry point: keep freed memory for reuse (fast.py)
+    model_cfg, B, T = DEMO_MODEL, args.batch, DEMO_MODEL.n_ctx
     rng = np.random.default_rng(0)
-    tokens = rng.integers(3, cfg.vocab_size, (B, T + 1))
-    flops = step_flops(cfg, B, T)
-    blas = {v: os.environ[v] for v in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
-            if os.environ.get(v)}
+    tokens = rng.integers(3, model_cfg.vocab_size, (B, T + 1))
+    flops = step_flops(model_cfg, B, T)
     res = {"machine": platform.processor() or platform.machine(), "numpy": np.__version__,
-           "model": vars(cfg), "batch": B, "tokens_per_step": B * T, "gflop_per_step": flops / 1e9,
-           "cores": fast.n_cores(), "blas_env": blas,
-           "batch_halves_on_threads": fast.PARALLEL and len(fast.batch_parts(B, T)) > 1,
+           "model": vars(model_cfg), "batch": B, "tokens_per_step": B * T, "gflop_per_step": flops / 1e9,
+           "cores": fast.n_cores(), "blas_threads": fast.BLAS_THREADS,
+           "fast_path": fast.ENABLED,
+           "batch_halves_on_threads": fast.ENABLED and fast.PARALLEL and len(fast.batch_parts(B, T)) > 1,
            "freed_memory_kept": fast.MEMORY_KEPT, "load_average": os.getloadavg()[0]}
-    print(f"numpy {np.__version__} on {res['machine']}; model {vars(cfg)}, batch {B} x {T} tokens, "
+    print(f"numpy {np.__version__} on {res['machine']}; model {vars(model_cfg)}, batch {B} x {T} tokens, "
           f"{flops / 1e9:.2f} GFLOP per step")
-    print(f"threads | {res['cores']} cores, BLAS env {blas or 'unset (BLAS uses every core)'}, batch halves "
+    print(f"threads | fast path {'on' if fast.ENABLED else 'off (MINIRLHF_PLAIN=1)'}, {res['cores']} cores, "
+          f"BLAS threads per call {res['blas_threads']}, batch halves "
           f"on two threads: {'yes' if res['batch_halves_on_threads'] else 'no'}, freed memory kept: "
           f"{'yes' if res['freed_memory_kept'] else 'no'}, load average {res['load_average']:.2f}")
     for dtype in (np.float32, np.float64):
         name = np.dtype(dtype).name
-        params = tf.init_params(cfg, rng, dtype)
+        params = tf.init_params(model_cfg, rng, dtype)
         # the machine's throughput is measured before and after the step, and the better kept: a busy
         # moment lowers it, which would flatter the fraction
         peak1, peak2 = matmul_gflops(dtype), matmul_gflops(dtype, threads=2)
-        ms = median_ms(train_step_fn(params, cfg, tokens), args.steps)
+        ms = median_ms(train_step_fn(params, model_cfg, tokens), args.steps)
         peak1, peak2 = max(peak1, matmul_gflops(dtype)), max(peak2, matmul_gflops(dtype, threads=2))
         peak = max(peak1, peak2)
         achieved = flops / (ms / 1000) / 1e9
@@ -123,14 +123,14 @@ def main(argv=None):
         print(f"{name:8s} | matmul peak {peak:6.1f} GFLOP/s (one product {peak1:.0f}, two at once "
               f"{peak2:.0f}) | fwd+bwd {ms:7.1f} ms/step | {B * T / (ms / 1000):8.0f} tok/s | "
               f"{achieved:5.1f} GFLOP/s = {achieved / peak:5.1%} of peak")
-    params = tf.init_params(cfg, rng, np.float32)
+    params = tf.init_params(model_cfg, rng, np.float32)
     prompts = np.full((B, 8), BOS)
-    prompts[:, 1:] = rng.integers(3, cfg.vocab_size, (B, 7))
+    prompts[:, 1:] = rng.integers(3, model_cfg.vocab_size, (B, 7))
     new = T - 8
     counted = []
 
     def sample():
-        out = tf.generate(params, cfg, prompts, np.ones_like(prompts), new, np.random.default_rng(1))
+        out = tf.generate(params, model_cfg, prompts, np.ones_like(prompts), new, np.random.default_rng(1))
         counted.append(out["mask"].sum())
     ms = median_ms(sample, max(3, args.steps // 4), warmup=1)
     tps = float(np.median(counted)) / (ms / 1000)

@@ -2,7 +2,7 @@
 
 No training at all: the policy is the selection rule (Nakano et al. 2021, WebGPT; Stiennon et al. 2020;
 Gao et al. 2022 use it as the baseline that RL must beat). The score is the normalised reward model's; a
-response without EOS gets the fixed score -1, as in PPO (RLHF_REFERENCE.md). Ties go to the first sample.
+response without EOS gets the fixed score reward.NO_EOS_SCORE (-1), as in PPO. Ties go to the first sample.
 
 Its distribution. Let R = r(x, y) be the score of y ~ pi_ref(.|x), F(r) = P(R <= r), F_<(r) = P(R < r).
 The best of n independent draws has a score <= r with probability F(r)^n, so its score equals r with
@@ -34,10 +34,8 @@ formulas above applied to it give the KL and the expected gold of best-of-n draw
 """
 import numpy as np
 
-from .reward import score
-from .sft import sample_responses
-
-NO_EOS_SCORE = -1.0  # score of a response without EOS, in normalised reward units (as PPOConfig.no_eos_score)
+from .reward import score_samples
+from .transformer import sample_responses
 
 
 # ---------------------------------------------------------------- the best-of-n law of a finite distribution
@@ -83,29 +81,15 @@ def bon_kl(p_ref, rewards, n):
 
 # ---------------------------------------------------------------- best-of-n with the transformer
 
-def score_samples(reward_model, cfg, norm, prompt_texts, samples, no_eos_score=NO_EOS_SCORE):
-    """Normalised reward-model score of each (text, ended) sample (B,); no_eos_score where it did not end.
-
-    Each distinct (prompt, text) is scored once, so identical responses get identical scores (a batch's
-    padding could otherwise change the last bit and split one atom of the law in two).
-    """
-    if len(prompt_texts) != len(samples):
-        raise ValueError(f"{len(prompt_texts)} prompts but {len(samples)} samples")
-    keys = sorted({(p, t) for p, (t, e) in zip(prompt_texts, samples) if e})
-    values = score(reward_model, cfg, [p for p, _ in keys], [t for _, t in keys], norm) if keys else []
-    of = dict(zip(keys, np.asarray(values, np.float64)))
-    return np.array([of[(p, t)] if e else no_eos_score for p, (t, e) in zip(prompt_texts, samples)], np.float64)
-
-
-def best_of_n(policy, cfg, reward_model, norm, prompt_texts, n, rng, no_eos_score=NO_EOS_SCORE):
+def best_of_n(policy, reward_model, prompt_texts, n, rng):
     """For each prompt, n samples from policy and the one with the highest score (the first of ties).
 
     Returns (best [(text, ended)] (B,), samples [[(text, ended)] * n] (B lists), scores (B, n)).
     """
     bon_kl_bound(n)  # validates n
     texts = [t for t in prompt_texts for _ in range(n)]  # each prompt n times, in a row
-    flat = sample_responses(policy, cfg, texts, rng)
-    scores = score_samples(reward_model, cfg, norm, texts, flat, no_eos_score).reshape(len(prompt_texts), n)
+    flat = sample_responses(policy, texts, rng)
+    scores = score_samples(reward_model, texts, flat).reshape(len(prompt_texts), n)
     samples = [flat[i * n:(i + 1) * n] for i in range(len(prompt_texts))]
     best = [s[j] for s, j in zip(samples, np.argmax(scores, axis=1))]  # argmax: first maximum
     return best, samples, scores

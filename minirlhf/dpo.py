@@ -7,7 +7,7 @@ sigmoid(r(y_w) - r(y_l)), the unknown log Z(x) cancels. So the policy itself can
 (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"):
 
     h = (logp_w - logp_ref_w) - (logp_l - logp_ref_l)      logp = log pi(y | x), summed over the response
-    u = beta h                                               tokens, EOS included (RLHF_REFERENCE.md)
+    u = beta h                                               tokens, EOS included (CONVENTIONS.md)
     L_DPO = -log sigmoid(u) = softplus(-u)                   mean over pairs; logaddexp(0, -u): no overflow
     dL/dlogp_w = -beta sigmoid(-u),  dL/dlogp_l = +beta sigmoid(-u)        (per pair, before the mean)
 
@@ -123,8 +123,9 @@ LOSSES = {"dpo": (dpo_loss_forward, dpo_loss_backward), "ipo": (ipo_loss_forward
 
 # ---------------------------------------------------------------- sequence log-probs through the model
 
-def sequence_logprobs_forward(params, cfg, prompts, responses):
-    """log pi(response | prompt) summed over the response tokens and EOS, for text lists of one length B.
+def sequence_logprobs_forward(params, model_cfg, prompts, responses, temperature=1.0):
+    """log pi(response | prompt) summed over the response tokens and EOS, for text lists of one length B,
+    pi = softmax(logits / temperature) (the policy's sampling temperature: DPO fits what it will sample).
 
     Returns (logp (B,), cache); cache: the transformer's cache, the token log-prob cache and the mask.
     """
@@ -132,8 +133,8 @@ def sequence_logprobs_forward(params, cfg, prompts, responses):
         raise ValueError(f"need one response per prompt and at least one, got {len(prompts)} prompts and "
                          f"{len(responses)} responses")
     inputs, targets, mask, real = make_batch(list(zip(prompts, responses)))  # (B, T-1) each
-    logits, tcache = tf.forward(params, cfg, inputs, real)  # (B, T-1, V)
-    token_logp, lcache = L.token_logprobs_forward(logits, targets)  # (B, T-1)
+    logits, tcache = tf.forward(params, model_cfg, inputs, real)  # (B, T-1, V)
+    token_logp, lcache = L.token_logprobs_forward(logits, targets, temperature)  # (B, T-1)
     mask = mask.astype(token_logp.dtype)
     return (token_logp * mask).sum(axis=1), (tcache, lcache, mask)
 
@@ -153,16 +154,20 @@ def preference_pairs(comparisons):
     return [(p, w, l) for p, w, l in to_pairs(comparisons) if w != l]
 
 
-def dpo_loss_and_grads(policy, reference, cfg, pairs, beta=0.1, loss="dpo"):
+def dpo_loss_and_grads(policy, reference, pairs, beta=0.1, loss="dpo"):
     """The DPO (or IPO) loss of a minibatch of (prompt, chosen, rejected) pairs, the policy's gradients
-    and the logged statistics. Chosen and rejected go through one forward pass, 2B sequences."""
+    and the logged statistics. Chosen and rejected go through one forward pass, 2B sequences.
+
+    policy: the Policy being fitted; reference: the frozen reference's parameters, scored at the policy's
+    temperature."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)}")
     B = len(pairs)
     prompts = [p for p, _, _ in pairs] * 2
     responses = [w for _, w, _ in pairs] + [l for _, _, l in pairs]  # chosen rows, then rejected rows
-    logp, cache = sequence_logprobs_forward(policy, cfg, prompts, responses)  # (2B,)
-    ref = sequence_logprobs_forward(reference, cfg, prompts, responses)[0]  # frozen: no backward
+    model_cfg, tau = policy.model_cfg, policy.temperature
+    logp, cache = sequence_logprobs_forward(policy.params, model_cfg, prompts, responses, tau)  # (2B,)
+    ref = sequence_logprobs_forward(reference, model_cfg, prompts, responses, tau)[0]  # frozen: no backward
     forward, backward = LOSSES[loss]
     value, lcache = forward(logp[:B], logp[B:], ref[:B], ref[B:], beta)
     if not np.isfinite(value):
@@ -205,19 +210,20 @@ class DPOConfig:
             raise ValueError(f"DPOConfig: lr and weight_decay must be >= 0, got {self}")
 
 
-def train_dpo(policy, reference, cfg, pairs, dpo_cfg, rng, log=print):
-    """Fit policy (in place) to (prompt, chosen, rejected) pairs with reference frozen. Returns the history:
-    one dict per step with the loss, the implicit rewards, margin, accuracy, mean log-probs, lr, grad norm.
+def train_dpo(policy, reference, pairs, dpo_cfg, rng, log=print):
+    """Fit policy.params (in place) to (prompt, chosen, rejected) pairs with the reference's parameters
+    frozen. Returns the history: one dict per step with the loss, the implicit rewards, margin, accuracy,
+    mean log-probs, lr and grad norm.
 
     Minibatches walk through a fresh permutation of the pairs each epoch (a partial last batch is dropped).
     A non-finite loss or gradient raises ValueError before anything is written to policy.
     """
     if len(pairs) < dpo_cfg.batch_size:
         raise ValueError(f"{len(pairs)} pairs are fewer than one batch of {dpo_cfg.batch_size}")
-    if policy is reference or any(policy[k] is reference[k] for k in policy):
+    if any(np.shares_memory(policy.params[k], reference[k]) for k in policy.params):
         raise ValueError("policy and reference share arrays: train a copy (the reference must stay frozen)")
     opt = AdamWConfig(lr=dpo_cfg.lr, weight_decay=dpo_cfg.weight_decay, max_grad_norm=dpo_cfg.max_grad_norm)
-    state, history, t0 = adamw_init(policy), [], time.perf_counter()
+    state, history, t0 = adamw_init(policy.params), [], time.perf_counter()
     order, pos = rng.permutation(len(pairs)), 0
     for step in range(dpo_cfg.steps):
         t_step = time.perf_counter()
@@ -225,9 +231,9 @@ def train_dpo(policy, reference, cfg, pairs, dpo_cfg, rng, log=print):
             order, pos = rng.permutation(len(pairs)), 0
         batch = [pairs[i] for i in order[pos:pos + dpo_cfg.batch_size]]
         pos += dpo_cfg.batch_size
-        _, grads, stats = dpo_loss_and_grads(policy, reference, cfg, batch, dpo_cfg.beta, dpo_cfg.loss)
+        _, grads, stats = dpo_loss_and_grads(policy, reference, batch, dpo_cfg.beta, dpo_cfg.loss)
         lr = lr_schedule(step, dpo_cfg.steps, dpo_cfg.lr, dpo_cfg.warmup_steps)
-        grad_norm = adamw_step(policy, grads, state, opt, lr=lr)  # raises, writing nothing, on NaN / inf
+        grad_norm = adamw_step(policy.params, grads, state, opt, lr=lr)  # raises, writing nothing, on NaN / inf
         rec = {"stage": "dpo", "step": step + 1, **stats, "lr": lr, "grad_norm": grad_norm,
                "ms": 1000 * (time.perf_counter() - t_step), "seconds": time.perf_counter() - t0}
         history.append(rec)

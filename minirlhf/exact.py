@@ -38,12 +38,11 @@ from . import layers as L
 from . import transformer as tf
 from .kl import kl_estimators, token_rewards
 from .ppo_objective import gae, policy_loss_backward, policy_loss_forward
-from .testing import tiny_model
 from .tokenizer import BOS, EOS, PAD
 
 V, H = 4, 3  # vocabulary (PAD, BOS, EOS, one text token) and the longest response
-CFG = tf.Config(vocab_size=V, n_ctx=H + 1, n_layer=1, n_head=2, n_embd=8)  # BOS + H response tokens
-BETA = 0.1  # KL coefficient of the objective
+EXACT_MODEL = tf.GPTConfig(vocab_size=V, n_ctx=H + 1, n_layer=1, n_head=2, n_embd=8)  # BOS + H response tokens
+KL_COEF = 0.1  # KL coefficient of the objective
 
 
 def responses(vocab_size=V, horizon=H):
@@ -58,11 +57,11 @@ def responses(vocab_size=V, horizon=H):
     return tokens, mask, (tokens == EOS).any(axis=1)
 
 
-def token_logprobs(params, cfg, tokens, mask, temperature=1.0):
+def token_logprobs(params, model_cfg, tokens, mask, temperature=1.0):
     """log pi(y_t | BOS, y_<t) (S, H), 0 at padding, and the caches that `backprop` needs."""
     seq = np.hstack([np.full((len(tokens), 1), BOS), tokens])  # BOS y_1 .. y_H, right-padded
     seq_mask = np.hstack([np.ones((len(tokens), 1), np.int64), mask])
-    logits, cache = tf.forward(params, cfg, seq, seq_mask)
+    logits, cache = tf.forward(params, model_cfg, seq, seq_mask)
     logp, lcache = L.token_logprobs_forward(logits[:, :-1], tokens, temperature)  # position t predicts y_t+1
     return logp * mask, (cache, lcache, mask)
 
@@ -78,21 +77,22 @@ def backprop(dlogp, caches):
 
 def default_reward(tokens, mask, ended):
     """R(y): +1 for each text token (id 3), +0.5 for stopping with EOS; a response with no EOS gets the
-    fixed score -1 instead (RLHF_REFERENCE.md)."""
+    fixed score -1 instead (reward.NO_EOS_SCORE)."""
     return np.where(ended, ((tokens == 3) & (mask > 0)).sum(axis=1) + 0.5, -1.0)
 
 
-def enumerate_all(policy, reference, cfg=CFG, reward=default_reward, beta=BETA, temperature=1.0, horizon=H):
+def enumerate_all(policy, reference, model_cfg=EXACT_MODEL, reward=default_reward, kl_coef=KL_COEF, temperature=1.0,
+                  horizon=H):
     """Every response with its probability, log-probs, score and KL terms; the exact KL and objective."""
-    tokens, mask, ended = responses(cfg.vocab_size, horizon)
-    logp, caches = token_logprobs(policy, cfg, tokens, mask, temperature)
-    logp_ref, _ = token_logprobs(reference, cfg, tokens, mask, temperature)
+    tokens, mask, ended = responses(model_cfg.vocab_size, horizon)
+    logp, caches = token_logprobs(policy, model_cfg, tokens, mask, temperature)
+    logp_ref, _ = token_logprobs(reference, model_cfg, tokens, mask, temperature)
     p = np.exp(logp.sum(axis=1))  # (S,) pi(y)
     k1 = logp.sum(axis=1) - logp_ref.sum(axis=1)  # (S,) log pi(y) - log pi_ref(y)
     scores = reward(tokens, mask, ended)
     return {"tokens": tokens, "mask": mask, "ended": ended, "p": p, "logp": logp, "logp_ref": logp_ref,
-            "scores": scores, "beta": beta, "caches": caches, "kl": float(p @ k1),
-            "objective": float(p @ (scores - beta * k1))}
+            "scores": scores, "kl_coef": kl_coef, "caches": caches, "kl": float(p @ k1),
+            "objective": float(p @ (scores - kl_coef * k1))}
 
 
 def exact_gradient(world):
@@ -104,12 +104,12 @@ def reinforce_weights(world, w, kl_term="k1"):
     """Per-token dlogp of the REINFORCE estimate with row weights w (1/N per sample, or pi(y) for its mean):
     w_y (R(y) - beta sum_t k_t) at every valid token, k = k1 (the reward's) or k3 (biased)."""
     k = kl_estimators(world["logp"], world["logp_ref"], world["mask"])[kl_term + "_sum"]
-    return (w * (world["scores"] - world["beta"] * k))[:, None] * world["mask"]
+    return (w * (world["scores"] - world["kl_coef"] * k))[:, None] * world["mask"]
 
 
 def true_values(world):
     """V^pi(y_<t) = E[sum_{s >= t} r_s | y_<t] at each response position (S, H), r_s the token rewards."""
-    r, _ = token_rewards(world["scores"], world["logp"], world["logp_ref"], world["mask"], world["beta"])
+    r, _ = token_rewards(world["scores"], world["logp"], world["logp_ref"], world["mask"], world["kl_coef"])
     to_go = np.cumsum(r[:, ::-1], axis=1)[:, ::-1]  # (S, H) reward-to-go from position t
     num, den = {}, {}
     for s, t in zip(*np.nonzero(world["mask"])):
@@ -127,7 +127,7 @@ def ppo_weights(world, w, values, lam):
     """Per-token dlogp of PPO's first-step estimate with row weights w: rewards, GAE (gamma 1), the clipped
     loss at ratio 1 and its backward, exactly as ppo.py runs them; the loss's token mean is undone."""
     mask = world["mask"]
-    rewards, _ = token_rewards(world["scores"], world["logp"], world["logp_ref"], mask, world["beta"])
+    rewards, _ = token_rewards(world["scores"], world["logp"], world["logp_ref"], mask, world["kl_coef"])
     advantages, _ = gae(rewards, values, mask, gamma=1.0, lam=lam)
     _, cache = policy_loss_forward(world["logp"], world["logp"], advantages, mask)  # logp_old = logp: ratio 1
     dlogp = policy_loss_backward(1.0, cache)  # -A / N_tok: the gradient of the loss we minimise
@@ -146,20 +146,22 @@ def per_response(world, weights_fn):
                      for s in range(len(dlogp))])
 
 
-def sample(policy, cfg, n, rng, temperature=1.0, horizon=H):
+def sample(policy, model_cfg, n, rng, temperature=1.0, horizon=H):
     """n rollouts from transformer.generate, as indices into responses(); the sampler itself, KV cache and all."""
-    out = tf.generate(policy, cfg, np.full((n, 1), BOS), np.ones((n, 1), np.int64), horizon, rng, temperature)
+    out = tf.generate(policy, model_cfg, np.full((n, 1), BOS), np.ones((n, 1), np.int64), horizon, rng, temperature)
     tokens = np.full((n, horizon), PAD, np.int64)
     tokens[:, :out["tokens"].shape[1]] = out["tokens"]
     mask = np.zeros((n, horizon), np.int64)
     mask[:, :out["mask"].shape[1]] = out["mask"]
-    index = {tuple(t[m > 0]): i for i, (t, m) in enumerate(zip(*responses(cfg.vocab_size, horizon)[:2]))}
+    index = {tuple(t[m > 0]): i for i, (t, m) in enumerate(zip(*responses(model_cfg.vocab_size, horizon)[:2]))}
     return np.array([index[tuple(t[m > 0])] for t, m in zip(tokens, mask)])
 
 
 def models(seed=0, gap=0.1):
     """A policy and a reference near it (the reference plus N(0, gap^2) noise), float64."""
-    reference = tiny_model(CFG, seed, scale=0.5)
+    rng = np.random.default_rng(seed)
+    reference = {k: v + 0.5 * rng.standard_normal(v.shape)  # a wide init: every path carries signal
+                 for k, v in tf.init_params(EXACT_MODEL, rng, np.float64).items()}
     rng = np.random.default_rng(seed + 1)
     return {k: v + gap * rng.standard_normal(v.shape) for k, v in reference.items()}, reference
 
@@ -169,7 +171,7 @@ def report(seed=0, sizes=(100, 1000, 10000, 100000), temperature=1.0):
     transformer.generate at each sample size (nested prefixes of one sample of max(sizes) rollouts)."""
     policy, reference = models(seed)
     world = enumerate_all(policy, reference, temperature=temperature)
-    idx = sample(policy, CFG, max(sizes), np.random.default_rng(seed + 2), temperature)
+    idx = sample(policy, EXACT_MODEL, max(sizes), np.random.default_rng(seed + 2), temperature)
     counts = np.bincount(idx, minlength=len(world["p"]))
     chi2 = stats.chisquare(counts, world["p"] * len(idx))
     out = {"S": len(world["p"]), "kl_exact": world["kl"], "objective": world["objective"],

@@ -1,4 +1,4 @@
-"""KL between the policy and the reference model: estimators, the exact value, beta and the token rewards.
+"""KL between the policy and the reference model: estimators, the exact value, the KL coefficient, token rewards.
 
 Shapes: B = batch (rollouts), T = response tokens, V = vocabulary. Response arrays are (B, T) and come
 with a (B, T) mask of 0/1 that marks the valid response tokens: EOS included, everything after EOS is 0.
@@ -12,7 +12,7 @@ Estimators (Schulman, "Approximating KL divergence", 2020). A token x is sampled
     k3 = (r - 1) - log r        E[k3] = KL                 unbiased (E[r] = 1), always >= 0 (e^u >= 1 + u)
 
 k1 is the one that goes in the reward. Summed over a response it is exactly log pi(y) - log pi_ref(y),
-so r_t = -beta * k1_t splits the KL-regularised objective E[score] - beta KL(pi || pi_ref) over tokens,
+so r_t = -kl_coef * k1_t splits the KL-regularised objective E[score] - kl_coef KL(pi || pi_ref) over tokens,
 and the policy gradient of it is E[grad log pi(y) (log pi(y) - log pi_ref(y))] = grad KL. k3 as a reward
 would add E[grad log pi(y) (r(y) - 1)] = sum_y pi_ref(y) grad log pi(y), which is not 0: a biased
 gradient, although k3's value is unbiased. k2 and k3 are logged, not optimised.
@@ -21,9 +21,10 @@ The exact KL at one context is a sum over the whole vocabulary. Summed over the 
 it is the "exact KL along the sampled path"; by the chain rule of KL its expectation over rollouts is the
 sequence-level KL, the same quantity whose unbiased one-sample estimate is the sum of k1.
 
-beta is fixed, or adapted by Ziegler et al.'s (2019) proportional controller (RLHF_REFERENCE.md):
+The KL coefficient (beta in the papers, kl_coef here and in every flag and field) is fixed, or adapted
+by Ziegler et al.'s (2019) proportional controller (minirlhf/CONVENTIONS.md, "PPO"):
 
-    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)
+    e = clip(KL / target - 1, -0.2, 0.2);  kl_coef <- kl_coef * (1 + e * n_steps / horizon)
 
 with KL = batch mean of the per-rollout sum of k1 and n_steps = rollouts in the batch.
 """
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minirlhf.layers import log_softmax
+from .layers import log_softmax
+from .tokenizer import last_real_index
 
 
 def validate_masked(mask, **arrays):
@@ -112,50 +114,50 @@ def exact_kl(logits, logits_ref, temperature=1.0, mask=None):
 
 @dataclass(frozen=True)
 class KLControllerConfig:
-    """How beta evolves: fixed, or Ziegler's adaptive controller (applied by update_beta)."""
+    """How the KL coefficient evolves: fixed, or Ziegler's adaptive controller (applied by update_kl_coef)."""
 
-    beta: float = 0.2  # initial KL coefficient; stays fixed unless adaptive (Ziegler et al.'s code: 0.2)
-    adaptive: bool = False  # False: fixed beta; True: Ziegler's adaptive controller
+    kl_coef: float = 0.2  # initial KL coefficient; stays fixed unless adaptive (Ziegler et al.'s code: 0.2)
+    adaptive: bool = False  # False: fixed kl_coef; True: Ziegler's adaptive controller
     target: float = 6.0  # adaptive only: target KL per rollout in nats, the batch mean of summed k1 (TRL: 6)
     horizon: int = 10000  # adaptive only: rollouts over which a KL error is corrected (Ziegler: 10000)
 
     def __post_init__(self):
-        if not (np.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"beta must be finite and >= 0, got {self.beta}")
+        if not (np.isfinite(self.kl_coef) and self.kl_coef >= 0):
+            raise ValueError(f"kl_coef must be finite and >= 0, got {self.kl_coef}")
         if not (np.isfinite(self.target) and self.target > 0):
             raise ValueError(f"target must be finite and > 0, got {self.target}")
         if not self.horizon > 0:
             raise ValueError(f"horizon must be > 0, got {self.horizon}")
 
 
-def update_beta(beta, kl, n_steps, config):
-    """The beta to use for the next batch, given this batch's KL; pure (returns a new float).
+def update_kl_coef(kl_coef, kl, n_steps, config):
+    """The KL coefficient to use for the next batch, given this batch's KL; pure (returns a new float).
 
     kl: batch mean of the per-rollout summed k1 (kl_estimators(...)["k1_sum"].mean()).
-    n_steps: rollouts in the batch. A fixed controller returns beta unchanged.
+    n_steps: rollouts in the batch. A fixed controller returns kl_coef unchanged.
     """
-    if not (np.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta must be finite and >= 0, got {beta}")
+    if not (np.isfinite(kl_coef) and kl_coef >= 0):
+        raise ValueError(f"kl_coef must be finite and >= 0, got {kl_coef}")
     if not np.isfinite(kl):
         raise ValueError(f"KL must be finite, got {kl}")
     if not n_steps >= 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     if not config.adaptive:
-        return float(beta)
+        return float(kl_coef)
     # With |e| <= 0.2, the factor 1 + e n / h stays > 0 only while n / h < 5.
     if 0.2 * n_steps >= config.horizon:
-        raise ValueError(f"n_steps = {n_steps} >= 5 * horizon = {5 * config.horizon} could make beta <= 0")
+        raise ValueError(f"n_steps = {n_steps} >= 5 * horizon = {5 * config.horizon} could make kl_coef <= 0")
     e = float(np.clip(kl / config.target - 1, -0.2, 0.2))  # proportional error, clipped
-    return float(beta) * (1 + e * n_steps / config.horizon)
+    return float(kl_coef) * (1 + e * n_steps / config.horizon)
 
 
-def token_rewards(scores, logp, logp_ref, mask, beta):
-    """Per-token PPO rewards: -beta * k1 on every valid token plus the score on the last valid one (EOS).
+def token_rewards(scores, logp, logp_ref, mask, kl_coef):
+    """Per-token PPO rewards: -kl_coef * k1 on every valid token plus the score on the last valid one (EOS).
 
     scores: (B,) one reward-model score per rollout (for a response with no EOS the caller passes the
     fixed penalty score; here it lands on the last valid token all the same).
     logp, logp_ref, mask: (B, T) as in kl_estimators.
-    Returns rewards (B, T) and non_score_reward = -beta * k1 (B, T), both 0 at padding.
+    Returns rewards (B, T) and non_score_reward = -kl_coef * k1 (B, T), both 0 at padding.
 
     minirlhf puts the score on EOS, the last action taken. TRL puts it one position after EOS (and widens
     the value mask by one to cover it), so a TRL port's rewards are shifted right by one there; Ziegler
@@ -167,16 +169,15 @@ def token_rewards(scores, logp, logp_ref, mask, beta):
                          f"expected ({np.shape(mask)[0]},)")
     if not np.isfinite(scores).all():
         raise ValueError("scores holds a NaN or inf")
-    if not (np.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta must be finite and >= 0, got {beta}")
-    beta = float(beta)  # a Python float keeps float32 log-probs float32
+    if not (np.isfinite(kl_coef) and kl_coef >= 0):
+        raise ValueError(f"kl_coef must be finite and >= 0, got {kl_coef}")
+    kl_coef = float(kl_coef)  # a Python float keeps float32 log-probs float32
     valid = validate_masked(mask, logp=logp, logp_ref=logp_ref)
     empty = np.flatnonzero(~valid.any(axis=1))
     if empty.size:
         raise ValueError(f"rows {empty.tolist()} have no valid response token; a response has at least one")
-    non_score_reward = -beta * kl_estimators(logp, logp_ref, mask)["k1"]  # (B, T), 0 at padding
+    non_score_reward = -kl_coef * kl_estimators(logp, logp_ref, mask)["k1"]  # (B, T), 0 at padding
     rewards = non_score_reward.copy()
-    B, T = valid.shape
-    last = T - 1 - np.argmax(valid[:, ::-1], axis=1)  # (B,) index of the last valid token: EOS
-    rewards[np.arange(B), last] += scores.astype(rewards.dtype)
+    last = last_real_index(valid)  # (B,) index of the last valid token: EOS
+    rewards[np.arange(len(valid)), last] += scores.astype(rewards.dtype)
     return rewards, non_score_reward

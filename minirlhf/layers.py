@@ -25,38 +25,28 @@ quotes the forward line it undoes. The ops and their gradients:
     entropy        H = -sum_j p_j log p_j, p = softmax(z / tau)
                                                        dz_j = -p_j (log p_j + H) / tau
 
-The GPT-2 paper (Radford et al. 2019) and karpathy/llm.c's train_gpt2.c lay out the same ops.
+This file is the plain, readable form of each op. The transformer's training and sampling run the same ops
+from fast.py, which computes them faster (fewer temporary arrays, BLAS for row sums, one thread per half
+batch); tests/test_fast_paths.py checks that the two agree. The GPT-2 paper (Radford et al. 2019) and
+karpathy/llm.c's train_gpt2.c lay out the same ops.
 """
 import numpy as np
 
 GELU_K = float(np.sqrt(2.0 / np.pi))  # sqrt(2/pi) of the tanh approximation
 
 
-# ---------------------------------------------------------------- row sums and softmax (no gradients)
-
-def row_sum(a, axis=-1):
-    """a.sum(axis, keepdims=True). Over the last axis, as a product with a column of ones.
-
-    The product makes BLAS do the adding: on attention's (32, 4, 64, 64) float32 scores it takes 0.04 ms
-    against 0.22 ms for a.sum(-1, keepdims=True), and LayerNorm's row means get 6x faster the same way
-    (measured on the 2-core machine, PERFORMANCE_NOTES.md). The same sum, in another rounding order.
-    """
-    if axis not in (-1, a.ndim - 1):
-        return a.sum(axis=axis, keepdims=True)
-    return a @ np.ones((a.shape[-1], 1), a.dtype)
-
+# ---------------------------------------------------------------- softmax (no gradients of their own)
 
 def log_softmax(z, axis=-1):
     """log softmax, stable for any finite z: subtract the max before exp."""
     z = z - z.max(axis=axis, keepdims=True)
-    return z - np.log(row_sum(np.exp(z), axis))
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
 
 
 def softmax(z, axis=-1):
     """softmax; a row of -inf apart from at least one finite entry is fine."""
     e = np.exp(z - z.max(axis=axis, keepdims=True))
-    e /= row_sum(e, axis)  # in place: e is a new array of our own
-    return e
+    return e / e.sum(axis=axis, keepdims=True)
 
 
 # ---------------------------------------------------------------- embedding
@@ -67,10 +57,7 @@ def embedding_forward(W, idx):
 
 
 def embedding_backward(dout, cache):
-    """dW = onehot(idx)^T dout: rows of dout added into the rows they were read from.
-
-    A one-hot matmul rather than np.add.at: 0.4 ms against 2.5 ms at demo size (PERFORMANCE_NOTES.md).
-    """
+    """dW = onehot(idx)^T dout: rows of dout added into the rows they were read from."""
     idx, V = cache
     C = dout.shape[-1]
     onehot = (idx.reshape(-1, 1) == np.arange(V)).astype(dout.dtype)  # (N, V)
@@ -80,26 +67,17 @@ def embedding_backward(dout, cache):
 # ---------------------------------------------------------------- linear
 
 def linear_forward(x, W, b):
-    """x: (..., Cin), W: (Cin, Cout), b: (Cout,) -> out (..., Cout). cache: x, W.
-
-    x is flattened to (N, Cin) so that BLAS gets one product over all rows: NumPy would otherwise make
-    one call per sequence. (0.67 against 0.74 ms forward, 0.68 against 0.91 ms for dx, at (32, 64, 64)
-    @ (64, 256) float32.)
-    """
-    Cin, Cout = W.shape
-    out = x.reshape(-1, Cin) @ W
-    out += b  # in place: one buffer fewer than x @ W + b
-    return out.reshape(*x.shape[:-1], Cout), (x, W)
+    """x: (..., Cin), W: (Cin, Cout), b: (Cout,) -> out (..., Cout). cache: x, W."""
+    return x @ W + b, (x, W)
 
 
 def linear_backward(dout, cache):
     """Undoes out = x @ W + b. Returns dx, dW, db."""
     x, W = cache
     Cin, Cout = W.shape
-    dout = dout.reshape(-1, Cout)  # (N, Cout), as in the forward
-    dx = (dout @ W.T).reshape(x.shape)
-    dW = x.reshape(-1, Cin).T @ dout
-    db = dout.sum(axis=0)
+    dx = dout @ W.T
+    dW = x.reshape(-1, Cin).T @ dout.reshape(-1, Cout)  # sum over every row of x^T dout
+    db = dout.reshape(-1, Cout).sum(axis=0)
     return dx, dW, db
 
 
@@ -107,30 +85,22 @@ def linear_backward(dout, cache):
 
 def layernorm_forward(x, g, b, eps=1e-5):
     """Normalise the last axis with the biased variance, then scale and shift. cache: xhat, rstd, g."""
-    C = x.shape[-1]
-    mu = row_sum(x) / C
-    xc = x - mu
-    var = row_sum(xc * xc) / C  # biased: divide by C, as PyTorch does
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)  # biased: divide by C, as PyTorch does
     rstd = 1.0 / np.sqrt(var + eps)
-    xhat = xc * rstd
-    out = xhat * g
-    out += b  # in place, as in linear_forward
-    return out, (xhat, rstd, g)
+    xhat = (x - mu) * rstd
+    return xhat * g + b, (xhat, rstd, g)
 
 
 def layernorm_backward(dout, cache):
     """Undoes out = xhat * g + b, xhat = (x - mu) * rstd. Returns dx, dg, db."""
     xhat, rstd, g = cache
     C = g.shape[0]
-    dout_xhat = dout * xhat
-    dg = dout_xhat.reshape(-1, C).sum(axis=0)
+    dg = (dout * xhat).reshape(-1, C).sum(axis=0)
     db = dout.reshape(-1, C).sum(axis=0)
     dxhat = dout * g
-    # mu and rstd depend on every x in the row, hence the two mean terms. Their row sums are products with
-    # g, which BLAS does (see row_sum): sum_c dxhat = dout . g and sum_c dxhat xhat = (dout xhat) . g
-    mean_dxhat = (dout.reshape(-1, C) @ g).reshape(rstd.shape) / C
-    mean_dxhat_xhat = (dout_xhat.reshape(-1, C) @ g).reshape(rstd.shape) / C
-    dx = rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
+    # mu and rstd depend on every x in the row, hence the two mean terms
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
     return dx, dg, db
 
 
@@ -138,38 +108,15 @@ def layernorm_backward(dout, cache):
 
 def gelu_forward(x):
     """GELU, tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). cache: x, tanh(u)."""
-    # u and t are worked out in one buffer, in place: 0.47 against 0.61 ms at (32, 64, 256) float32
-    u = x * x
-    u *= 0.044715
-    u += 1.0
-    u *= x
-    u *= GELU_K  # u = sqrt(2/pi) (x + 0.044715 x^3)
-    t = np.tanh(u, out=u)
-    out = 1.0 + t
-    out *= x
-    out *= 0.5
-    return out, (x, t)
+    t = np.tanh(GELU_K * (x + 0.044715 * x ** 3))
+    return 0.5 * x * (1.0 + t), (x, t)
 
 
 def gelu_backward(dout, cache):
-    """Undoes out = 0.5 x (1 + t), t = tanh(u(x)). Returns dx.
-
-    dout * (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx), with 1 - t^2 = (1 - t)(1 + t) taken out as a factor:
-    dout * 0.5 (1 + t) * (1 + x (1 - t) du/dx), evaluated in place (0.46 against 0.65 ms, as above).
-    """
+    """Undoes out = 0.5 x (1 + t), t = tanh(u(x)). Returns dx."""
     x, t = cache
-    du = x * x
-    du *= 3.0 * 0.044715
-    du += 1.0
-    du *= GELU_K  # du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    dx = 1.0 - t
-    dx *= x
-    dx *= du
-    dx += 1.0  # 1 + x (1 - t) du/dx
-    dx *= 1.0 + t
-    dx *= 0.5
-    dx *= dout
-    return dx
+    du = GELU_K * (1.0 + 3.0 * 0.044715 * x ** 2)  # du/dx
+    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t ** 2) * du)
 
 
 # ---------------------------------------------------------------- causal self-attention
@@ -189,34 +136,9 @@ def attention_mask(key_mask):
 def attend(q, k, v, allowed):
     """Scaled dot-product attention over heads. q: (B, H, Tq, D), k, v: (B, H, Tk, D),
     allowed: bool broadcastable to (B, H, Tq, Tk). Returns o (B, H, Tq, D) and p (B, H, Tq, Tk)."""
-    scale = 1.0 / float(np.sqrt(q.shape[-1]))
-    s = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk); scaling q is 1/4 the work of scaling s
-    # -inf, not -1e9: exp(-inf) is exactly 0. Added as a (B, 1, Tq, Tk) bias: 2x faster than np.where on s
-    s += np.where(allowed, 0.0, -np.inf).astype(s.dtype)
-    p = softmax_shifted_by_own_score(s)
+    s = q @ k.swapaxes(-1, -2) / float(np.sqrt(q.shape[-1]))  # (B, H, Tq, Tk); a Python float keeps float32
+    p = softmax(np.where(allowed, s, -np.inf))  # -inf, not -1e9: exp(-inf) is exactly 0
     return p @ v, p
-
-
-def softmax_shifted_by_own_score(s):
-    """softmax over the last axis of attention scores (Tq, Tk), shifting each query's row by its score
-    for its own position, s[i, Tk - Tq + i], instead of by the row max.
-
-    Any per-row shift gives the same softmax; the max only keeps exp from overflowing. A query may always
-    look at its own position (attention_mask allows the diagonal, decoding the new slot), so exp(0) = 1
-    is in every row's sum, which therefore cannot underflow to 0. If another score is more than ~88
-    above the own one (709 in float64), the sum overflows; that is caught and the row max used after
-    all. Skipping the max, which NumPy reduces one short row at a time, saves 0.45 ms a call at
-    (32, 4, 64, 64) float32: 3% of a training step.
-    """
-    Tq, Tk = s.shape[-2:]
-    own = np.diagonal(s, offset=Tk - Tq, axis1=-2, axis2=-1)[..., None]  # (..., Tq, 1)
-    with np.errstate(over="ignore", invalid="ignore"):  # both are caught just below
-        e = np.exp(s - own)
-        total = row_sum(e)  # finite terms can still sum past the float range
-    if not np.isfinite(total).all():  # an overflow, or a query barred from its own position
-        return softmax(s)
-    e /= total
-    return e
 
 
 def attention_forward(qkv, n_head, allowed):
@@ -224,11 +146,7 @@ def attention_forward(qkv, n_head, allowed):
     cache: q, k, v, p (needed for dq, dk, dv)."""
     B, T, C3 = qkv.shape
     C = C3 // 3
-    # (B, T, 3, H, D) -> (3, B, H, T, D): strided views, no copy
-    q, k, v = qkv.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4)
-    # k becomes a view of a contiguous copy of k^T: BLAS then computes q k^T 1.6x faster than from the
-    # strided view of qkv (inner size D = 16), 1.2x with the copy
-    k = np.ascontiguousarray(k.swapaxes(-1, -2)).swapaxes(-1, -2)
+    q, k, v = qkv.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
     o, p = attend(q, k, v, allowed)
     out = o.transpose(0, 2, 1, 3).reshape(B, T, C)  # heads side by side again
     return out, (q, k, v, p)
@@ -238,18 +156,14 @@ def attention_backward(dout, cache):
     """Undoes o = softmax(q k^T / sqrt(D) + mask) v. Returns dqkv (B, T, 3C)."""
     q, k, v, p = cache
     B, H, T, D = q.shape
-    scale = 1.0 / float(np.sqrt(D))
     do = dout.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-    # dq, dk, dv are written straight into their slots of dqkv (B, T, 3, H, D): no stacking copy
-    dqkv = np.empty((B, T, 3, H, D), dout.dtype)
-    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # (B, H, T, D) views
-    np.matmul(p.swapaxes(-1, -2), do, out=dv)  # o = p v: dv = p^T do
-    dp = do @ np.ascontiguousarray(v.swapaxes(-1, -2))  # contiguous v^T: faster, as k^T in the forward
-    # p = softmax(s): ds = p (dp - rowsum(dp p)); masked entries have p = 0, so ds = 0 there
-    ds = p * (dp - row_sum(dp * p))
-    np.matmul(ds, k * scale, out=dq)  # s = q k^T * scale
-    np.matmul(ds.swapaxes(-1, -2), q * scale, out=dk)
-    return dqkv.reshape(B, T, 3 * H * D)
+    dv = p.swapaxes(-1, -2) @ do  # o = p v
+    dp = do @ v.swapaxes(-1, -2)
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # p = softmax(s); masked entries have p = 0
+    dq = ds @ k / float(np.sqrt(D))  # s = q k^T / sqrt(D)
+    dk = ds.swapaxes(-1, -2) @ q / float(np.sqrt(D))
+    dqkv = np.stack([dq, dk, dv], axis=2)  # (B, H, 3, T, D): q | k | v, as the forward split them
+    return dqkv.transpose(0, 3, 2, 1, 4).reshape(B, T, 3 * H * D)
 
 
 # ---------------------------------------------------------------- losses and log-probs on logits
@@ -271,7 +185,7 @@ def cross_entropy_forward(logits, targets, mask):
 def cross_entropy_backward(dloss, cache):
     """Undoes L = -sum(mask * log p[y]) / N. Returns dlogits = (p - onehot(y)) * mask / N * dloss."""
     p, targets, mask, n_valid = cache
-    dlogits = p.copy()
+    dlogits = p.copy()  # the cache is read, never written: a second backward gives the same answer
     np.put_along_axis(dlogits, targets[..., None], np.take_along_axis(p, targets[..., None], -1) - 1, -1)
     return dlogits * (mask[..., None] * (dloss / n_valid)).astype(p.dtype)
 

@@ -10,7 +10,7 @@ decay (Loshchilov & Hutter 2019, "Decoupled weight decay regularization"):
     p     <- p - lr * m_hat / (sqrt(v_hat) + eps)
 
 eps sits outside the square root, as torch.optim.AdamW; TensorFlow's Adam puts it inside an
-un-bias-corrected denominator, which gives larger early steps (RLHF_REFERENCE.md, "Optimiser").
+un-bias-corrected denominator, which gives larger early steps (minirlhf/CONVENTIONS.md, "Optimiser").
 Weight decay applies to parameters with two or more axes (weights, embeddings), not to biases or
 LayerNorm gains, as nanoGPT does.
 
@@ -54,12 +54,13 @@ def global_norm(grads):
 
 
 def clip_grads(grads, max_norm):
-    """Scale every gradient by min(1, max_norm / (n + 1e-6)), n the global norm. Returns (grads, n)."""
+    """Scale every gradient by min(1, max_norm / (n + 1e-6)), n the global norm, as torch does (so a norm
+    within 1e-6 below max_norm is scaled, by a factor a hair under 1). Returns (grads, n)."""
     norm = global_norm(grads)
-    if max_norm is None or norm <= max_norm:
+    scale = 1.0 if max_norm is None else min(1.0, max_norm / (norm + 1e-6))
+    if scale == 1.0:
         return grads, norm
-    scale = max_norm / (norm + 1e-6)
-    return {k: g * scale for k, g in grads.items()}, norm
+    return {k: g * g.dtype.type(scale) for k, g in grads.items()}, norm
 
 
 def adamw_step(params, grads, state, cfg, lr=None):

@@ -3,28 +3,33 @@
 The sketch `loss = -reward + kl_penalty` becomes, per rollout y ~ pi(.|x) (Ziegler et al. 2019,
 Stiennon et al. 2020, Ouyang et al. 2022):
 
-    maximise  E[ score(x, y) - beta * KL(pi(.|x) || pi_ref(.|x)) ]
+    maximise  E[ score(x, y) - kl_coef * KL(pi(.|x) || pi_ref(.|x)) ]
 
 where score is the normalised reward model and pi_ref the frozen SFT model. PPO optimises it as a
-token-level RL problem: each response token is an action; its reward is -beta * k1_t (k1_t = logp_t -
-logp_ref_t, kl.py), and the EOS token also receives the score. A response that never emits EOS gets a
-fixed score (-1) instead of the reward model's. A value model (a separate network initialised from the
-reward model) estimates the return from each state; GAE turns rewards and values into advantages, which
-are whitened; then 4 epochs of shuffled minibatches of the clipped surrogate and clipped value loss
-(ppo_objective.py), AdamW, gradient clipping, learning rate decaying linearly to 0 over the updates.
+token-level RL problem: each response token is an action; its reward is -kl_coef * k1_t (k1_t = logp_t -
+logp_ref_t, kl.py), and the EOS token also receives the score. A response that never emits EOS gets the
+fixed reward.NO_EOS_SCORE instead of the reward model's. A value model (a separate network initialised
+from the reward model) estimates the return from each state; GAE turns rewards and values into
+advantages, which are whitened; then 4 epochs of shuffled minibatches of the clipped surrogate and
+clipped value loss (ppo_objective.py), AdamW, gradient clipping, learning rate decaying linearly to 0 over
+the updates (optim.lr_schedule).
 
 One update:
-    1. rollout: sample responses to a batch of prompts with the KV cache (temperature tau)
+    1. rollout: sample responses to a batch of prompts with the KV cache, at the policy's temperature
     2. score:   policy, reference and value forward passes over prompt + response; reward-model scores
-    3. rewards: r_t = -beta k1_t, + score on EOS; GAE (gamma 1, lambda 0.95); whiten advantages
-    4. learn:   epochs x minibatches of policy and value steps; adapt beta (kl.py)
+    3. rewards: r_t = -kl_coef k1_t, + score on EOS; GAE (gamma 1, lambda 0.95); whiten advantages
+    4. learn:   epochs x minibatches of policy and value steps; adapt kl_coef (kl.py)
 Logged (TRL's names): objective/kl, objective/entropy, objective/scores, objective/non_score_reward,
-objective/rlhf_reward, policy/approxkl, policy/clipfrac, val/clipfrac, val/explained_variance, beta;
-plus objective/kl_exact (the full-vocabulary KL along the sampled paths), objective/k2, objective/k3 and
-gold/score, which only a simulated world can know.
+objective/rlhf_reward, policy/approxkl, policy/clipfrac, val/clipfrac, val/explained_variance,
+objective/kl_coef; plus objective/kl_exact (the full-vocabulary KL along the sampled paths), objective/k2,
+objective/k3 and gold/score, which only a simulated world can know.
 
-Exactness: the log-probs PPO treats as "old" are computed per minibatch of the first epoch with the very
-arrays that epoch's first forward pass sees, so before any update the ratio is exactly 1 (not 1 +- 1e-7).
+Temperature. The policy samples at its Sampling.temperature tau, and every log-prob of those samples is of
+softmax(logits / tau): the policy's, the "old" policy's and the reference's (minirlhf/CONVENTIONS.md).
+
+Exactness: the log-probs PPO treats as "old", and the reference's, are computed per minibatch of the first
+epoch with the very arrays that epoch's first forward pass sees, so before any update the ratio is exactly
+1 (not 1 +- 1e-7), and a policy that is its own reference has k1 exactly 0.
 """
 import time
 from dataclasses import dataclass, field
@@ -33,13 +38,12 @@ import numpy as np
 
 from . import layers as L
 from . import transformer as tf
-from .kl import KLControllerConfig, exact_kl, kl_estimators, token_rewards, update_beta
-from .optim import AdamWConfig, adamw_init, adamw_step
+from .kl import KLControllerConfig, exact_kl, kl_estimators, token_rewards, update_kl_coef
+from .optim import AdamWConfig, adamw_init, adamw_step, lr_schedule
 from .ppo_objective import (explained_variance, gae, policy_loss_backward, policy_loss_forward,
                             value_loss_backward, value_loss_forward, whiten)
-from .reward import reward_forward
-from .sft import encode_prompts
-from .tokenizer import decode
+from .reward import sequence_scores
+from .tokenizer import decode, encode_prompts
 from .world import gold, sample_prompts
 
 
@@ -56,36 +60,33 @@ class PPOConfig:
     vf_coef: float = 0.1  # weight of the value loss
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
-    temperature: float = 1.0  # sampling and scoring temperature (policy, old policy and reference)
-    max_new_tokens: int = 32  # response length cap; a response that hits it has no EOS
-    no_eos_score: float = -1.0  # the score of a response without EOS, in normalised reward units
-    kl: KLControllerConfig = field(default_factory=KLControllerConfig)  # beta: fixed or adaptive
+    kl: KLControllerConfig = field(default_factory=KLControllerConfig)  # kl_coef: fixed or adaptive
 
     def __post_init__(self):
-        if min(self.updates, self.batch_size, self.minibatch_size, self.epochs, self.max_new_tokens) < 1:
+        if min(self.updates, self.batch_size, self.minibatch_size, self.epochs) < 1:
             raise ValueError(f"PPOConfig: counts must be >= 1, got {self}")
         if self.batch_size % self.minibatch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of minibatch_size "
                              f"{self.minibatch_size}")
-        if not (self.lr >= 0 and self.clip_eps > 0 and self.vf_clip_eps > 0 and self.temperature > 0):
-            raise ValueError(f"PPOConfig: lr >= 0, clip_eps, vf_clip_eps, temperature > 0 required, got {self}")
+        if not (self.lr >= 0 and self.clip_eps > 0 and self.vf_clip_eps > 0):
+            raise ValueError(f"PPOConfig: lr >= 0, clip_eps and vf_clip_eps > 0 required, got {self}")
 
 
 # ---------------------------------------------------------------- the value model
 
-def init_value_params(reward_params, norm):
+def init_value_params(reward_model):
     """A value model from the reward model: the same trunk and head, the head rescaled so that values come
     out in normalised reward units (gain * r + bias), the units of the returns it will predict."""
-    params = {k: v.copy() for k, v in reward_params.items()}
-    gain, bias = norm
-    params["head.w"] = (params["head.w"] * gain).astype(params["head.w"].dtype)
-    params["head.b"] = np.asarray(params["head.b"] * gain + bias, dtype=params["head.b"].dtype)
+    params = {k: v.copy() for k, v in reward_model.params.items()}
+    params["head.w"] = (params["head.w"] * reward_model.gain).astype(params["head.w"].dtype)
+    params["head.b"] = np.asarray(params["head.b"] * reward_model.gain + reward_model.bias,
+                                  dtype=params["head.b"].dtype)
     return params
 
 
-def value_forward(params, cfg, tokens, mask):
+def value_forward(params, model_cfg, tokens, mask):
     """A value at every position: v[b, t] = h[b, t] . w + b_head. -> (values (B, T), cache)."""
-    h, trunk_cache = tf.hidden_forward(params, cfg, tokens, mask)
+    h, trunk_cache = tf.hidden_forward(params, model_cfg, tokens, mask)
     return h @ params["head.w"] + params["head.b"], (trunk_cache, h, params["head.w"])
 
 
@@ -100,33 +101,42 @@ def value_backward(dvalues, cache):
 
 # ---------------------------------------------------------------- one minibatch through both networks
 
-def response_logits(params, cfg, seq, seq_mask, P):
-    """Logits predicting each response token: positions P-1 .. T-2 of the full sequence. -> (B, N, V)."""
-    logits, cache = tf.forward(params, cfg, seq, seq_mask)
-    return logits[:, P - 1:-1], cache
+def response_part(x, P, N):
+    """x[:, P - 1 : P - 1 + N] of a (B, P + N, ...) array over prompt + response: the positions whose
+    outputs belong to the N response tokens (the logits predicting each one, the value of the state before
+    it). Position P - 1 + t reads the prompt and response tokens before token t."""
+    return x[:, P - 1:P - 1 + N]
 
 
-def ppo_loss_and_grads(policy, value, cfg, mb, ppo_cfg):
-    """The PPO loss of a minibatch through both networks, and both networks' gradients.
+def ppo_losses(policy, value, mb, ppo_cfg):
+    """The clipped policy loss and the clipped value loss of a minibatch, through both networks, and the
+    caches their gradients need.
 
+    policy: the Policy (its temperature scores the tokens); value: the value model's parameters.
     mb holds the rollout arrays of the minibatch: seq, seq_mask (B, P+N), P, tokens, mask, logp_old,
-    values_old, advantages, returns (B, N). Returns (policy_grads, value_grads, stats).
+    values_old, advantages, returns (B, N).
     """
-    P, N = mb["P"], mb["tokens"].shape[1]
-    logits, pcache = response_logits(policy, cfg, mb["seq"], mb["seq_mask"], P)
-    logp, lcache = L.token_logprobs_forward(logits, mb["tokens"], ppo_cfg.temperature)
+    model_cfg, P, N = policy.model_cfg, mb["P"], mb["tokens"].shape[1]
+    logits_all, pcache = tf.forward(policy.params, model_cfg, mb["seq"], mb["seq_mask"])
+    logp, lcache = L.token_logprobs_forward(response_part(logits_all, P, N), mb["tokens"], policy.temperature)
     pg_loss, pg_cache = policy_loss_forward(logp, mb["logp_old"], mb["advantages"], mb["mask"], ppo_cfg.clip_eps)
-    values_all, vcache = value_forward(value, cfg, mb["seq"], mb["seq_mask"])
-    values = values_all[:, P - 1:P - 1 + N]  # the value of the state before each response token
-    vf_loss, vf_cache = value_loss_forward(values, mb["values_old"], mb["returns"], mb["mask"],
-                                           ppo_cfg.vf_clip_eps, ppo_cfg.vf_coef)
+    values_all, vcache = value_forward(value, model_cfg, mb["seq"], mb["seq_mask"])
+    vf_loss, vf_cache = value_loss_forward(response_part(values_all, P, N), mb["values_old"], mb["returns"],
+                                           mb["mask"], ppo_cfg.vf_clip_eps, ppo_cfg.vf_coef)
+    return pg_loss, vf_loss, (logits_all.shape, pcache, lcache, pg_cache, values_all.shape, vcache, vf_cache)
+
+
+def ppo_loss_and_grads(policy, value, mb, ppo_cfg):
+    """Both losses of a minibatch (ppo_losses) and both networks' gradients: (policy_grads, value_grads, stats)."""
+    pg_loss, vf_loss, caches = ppo_losses(policy, value, mb, ppo_cfg)
+    logits_shape, pcache, lcache, pg_cache, values_shape, vcache, vf_cache = caches
     if not (np.isfinite(pg_loss) and np.isfinite(vf_loss)):
         raise ValueError(f"PPO loss is not finite (policy {pg_loss}, value {vf_loss}); no update applied")
-    dlogits_resp = L.token_logprobs_backward(policy_loss_backward(1.0, pg_cache), lcache)
-    dlogits = np.zeros((*mb["seq"].shape, cfg.vocab_size), dlogits_resp.dtype)
-    dlogits[:, P - 1:-1] = dlogits_resp
-    dvalues = np.zeros(values_all.shape, values.dtype)
-    dvalues[:, P - 1:P - 1 + N] = value_loss_backward(1.0, vf_cache)
+    P, N = mb["P"], mb["tokens"].shape[1]
+    dlogits = np.zeros(logits_shape, pg_loss.dtype)
+    response_part(dlogits, P, N)[...] = L.token_logprobs_backward(policy_loss_backward(1.0, pg_cache), lcache)
+    dvalues = np.zeros(values_shape, vf_loss.dtype)
+    response_part(dvalues, P, N)[...] = value_loss_backward(1.0, vf_cache)
     stats = {"loss/policy": float(pg_loss), "loss/value": float(vf_loss),
              "ratio_max_dev": float(np.abs(pg_cache["ratio"] - 1)[mb["mask"] > 0].max()),
              **{k: float(v) for k, v in {**pg_cache["stats"], **vf_cache["stats"]}.items()}}
@@ -135,46 +145,50 @@ def ppo_loss_and_grads(policy, value, cfg, mb, ppo_cfg):
 
 # ---------------------------------------------------------------- rollouts
 
-def rollout(policy, reference, reward_model, value, cfg, prompts, ppo_cfg, beta, norm, rng, minibatches):
+def response_logprobs(params, model_cfg, seq, seq_mask, tokens, P, temperature):
+    """log softmax(logits / tau)[token] (B, N) of each response token, and the logits (B, N, V) behind them."""
+    logits, _ = tf.forward(params, model_cfg, seq, seq_mask)
+    logits = response_part(logits, P, tokens.shape[1])
+    return L.token_logprobs_forward(logits, tokens, temperature)[0], logits
+
+
+def rollout(policy, reference, reward_model, value, prompts, kl_coef, ppo_cfg, rng, minibatches):
     """Sample, score and compute advantages for one batch. minibatches: the first epoch's index arrays.
 
-    Returns the batch dict (arrays over rollouts) and the rollout's statistics.
+    reference: the frozen reference's parameters, scored at the policy's temperature. Returns the batch
+    dict (arrays over rollouts) and the rollout's statistics.
     """
     t0 = time.perf_counter()
+    model_cfg, tau = policy.model_cfg, policy.temperature
     texts = [p.text for p in prompts]
     ptok, pmask = encode_prompts(texts)
     P = ptok.shape[1]
-    gen = tf.generate(policy, cfg, ptok, pmask, min(ppo_cfg.max_new_tokens, cfg.n_ctx - P), rng,
-                      temperature=ppo_cfg.temperature)
+    gen = tf.generate(policy.params, model_cfg, ptok, pmask, policy.sampling.max_new_tokens, rng, tau)
     tokens, mask, ended = gen["tokens"], gen["mask"], gen["ended"]
     seq, seq_mask = np.concatenate([ptok, tokens], 1), np.concatenate([pmask, mask], 1)
     t1 = time.perf_counter()
     B, N = tokens.shape
-    batch = {"P": P, "seq": seq, "seq_mask": seq_mask, "tokens": tokens, "mask": mask}
-    logp_old = np.zeros((B, N), policy["wte"].dtype)
-    values_old = np.zeros((B, N), policy["wte"].dtype)
-    logits_pi = np.zeros((B, N, cfg.vocab_size), policy["wte"].dtype)
+    dtype = policy.params["wte"].dtype
+    logp_old, logp_ref, values_old = (np.zeros((B, N), dtype) for _ in range(3))
+    logits_pi, logits_ref = (np.zeros((B, N, model_cfg.vocab_size), dtype) for _ in range(2))
     for idx in minibatches:  # exactly the arrays the first epoch will see: the ratio starts at exactly 1
-        logits, _ = response_logits(policy, cfg, seq[idx], seq_mask[idx], P)
-        logits_pi[idx] = logits
-        logp_old[idx] = L.token_logprobs_forward(logits, tokens[idx], ppo_cfg.temperature)[0]
-        values_old[idx] = value_forward(value, cfg, seq[idx], seq_mask[idx])[0][:, P - 1:P - 1 + N]
-    logits_ref, _ = response_logits(reference, cfg, seq, seq_mask, P)
-    logp_ref = L.token_logprobs_forward(logits_ref, tokens, ppo_cfg.temperature)[0]
-    scores = np.full(B, ppo_cfg.no_eos_score, np.float64)
-    if ended.any():
-        r, _ = reward_forward(reward_model, cfg, seq[ended], seq_mask[ended])
-        scores[ended] = norm[0] * r + norm[1]
+        logp_old[idx], logits_pi[idx] = response_logprobs(policy.params, model_cfg, seq[idx], seq_mask[idx],
+                                                          tokens[idx], P, tau)
+        logp_ref[idx], logits_ref[idx] = response_logprobs(reference, model_cfg, seq[idx], seq_mask[idx],
+                                                           tokens[idx], P, tau)
+        values_old[idx] = response_part(value_forward(value, model_cfg, seq[idx], seq_mask[idx])[0], P, N)
+    scores = sequence_scores(reward_model, seq, seq_mask, ended)
     t2 = time.perf_counter()
-    rewards, non_score = token_rewards(scores, logp_old, logp_ref, mask, beta)
+    rewards, non_score = token_rewards(scores, logp_old, logp_ref, mask, kl_coef)
     advantages, returns = gae(rewards, values_old, mask, ppo_cfg.gamma, ppo_cfg.lam)
-    batch.update(logp_old=logp_old, values_old=values_old, returns=returns, advantages=whiten(advantages, mask))
+    batch = {"P": P, "seq": seq, "seq_mask": seq_mask, "tokens": tokens, "mask": mask, "logp_old": logp_old,
+             "values_old": values_old, "returns": returns, "advantages": whiten(advantages, mask)}
     kl = kl_estimators(logp_old, logp_ref, mask)
-    entropy = L.entropy_forward(logits_pi, ppo_cfg.temperature)[0] * mask
+    entropy = L.entropy_forward(logits_pi, tau)[0] * mask
     responses = [decode(t) for t in tokens]
     stats = {"objective/kl": float(kl["k1_sum"].mean()), "objective/k2": float(kl["k2_sum"].mean()),
              "objective/k3": float(kl["k3_sum"].mean()),
-             "objective/kl_exact": float(exact_kl(logits_pi, logits_ref, ppo_cfg.temperature, mask).sum(1).mean()),
+             "objective/kl_exact": float(exact_kl(logits_pi, logits_ref, tau, mask).sum(1).mean()),
              "objective/entropy": float(entropy.sum(1).mean()), "objective/scores": float(scores.mean()),
              "objective/non_score_reward": float(non_score.sum(1).mean()),
              "objective/rlhf_reward": float(scores.mean() + non_score.sum(1).mean()),
@@ -190,46 +204,45 @@ def minibatch(batch, idx):
     return {k: (v if k == "P" else v[idx]) for k, v in batch.items()}
 
 
-def train_ppo(policy, reference, reward_model, value, cfg, train_prompts, ppo_cfg, norm, rng, log=print,
-              on_update=None):
-    """Run PPO, updating policy and value (in place). Returns the list of per-update stats dicts.
+def train_ppo(policy, reference, reward_model, value, train_prompts, ppo_cfg, rng, log=print, on_update=None):
+    """Run PPO, updating policy.params and value (in place). Returns the list of per-update stats dicts.
 
-    reference and reward_model stay frozen. norm = (gain, bias) of the reward model. on_update(i, stats),
-    if given, is called after each update (the demo writes metrics with it).
+    reference (parameters) and reward_model (a reward.RewardModel) stay frozen. on_update(i, stats), if
+    given, is called after each update (the demo writes metrics with it).
     """
     opt = AdamWConfig(lr=ppo_cfg.lr, weight_decay=0.0, max_grad_norm=ppo_cfg.max_grad_norm)
-    pstate, vstate = adamw_init(policy), adamw_init(value)
-    beta, history = ppo_cfg.kl.beta, []
+    pstate, vstate = adamw_init(policy.params), adamw_init(value)
+    kl_coef, history = ppo_cfg.kl.kl_coef, []
     n_mb = ppo_cfg.batch_size // ppo_cfg.minibatch_size
     for update in range(ppo_cfg.updates):
         prompts = sample_prompts(train_prompts, ppo_cfg.batch_size, rng)
         orders = [rng.permutation(ppo_cfg.batch_size) for _ in range(ppo_cfg.epochs)]
         split = [np.array_split(order, n_mb) for order in orders]  # epochs x minibatches of indices
-        batch, stats = rollout(policy, reference, reward_model, value, cfg, prompts, ppo_cfg, beta, norm, rng,
-                               split[0])
+        batch, stats = rollout(policy, reference, reward_model, value, prompts, kl_coef, ppo_cfg, rng, split[0])
         t0 = time.perf_counter()
-        lr = ppo_cfg.lr * (1.0 - update / ppo_cfg.updates)  # linear decay to 0 (cleanrl's annealing)
+        lr = lr_schedule(update, ppo_cfg.updates, ppo_cfg.lr)  # linear decay to 0 (cleanrl's annealing)
         mb_stats = []
         for epoch in range(ppo_cfg.epochs):
             for idx in split[epoch]:
-                pgrads, vgrads, s = ppo_loss_and_grads(policy, value, cfg, minibatch(batch, idx), ppo_cfg)
-                for g in (pgrads, vgrads):  # check both before touching either: no half-applied update
+                pgrads, vgrads, s = ppo_loss_and_grads(policy, value, minibatch(batch, idx), ppo_cfg)
+                for g in (pgrads, vgrads):  # check both before touching either: no half-applied step
                     for name, x in g.items():
                         if not np.all(np.isfinite(x)):
                             raise ValueError(f"PPO gradient {name} is not finite; no update applied")
-                adamw_step(policy, pgrads, pstate, opt, lr=lr)
+                adamw_step(policy.params, pgrads, pstate, opt, lr=lr)
                 adamw_step(value, vgrads, vstate, opt, lr=lr)
                 mb_stats.append(s)
-        stats.update({"update": update + 1, "beta": beta, "lr": lr, "time/update": time.perf_counter() - t0,
+        stats.update({"update": update + 1, "objective/kl_coef": kl_coef, "lr": lr,
+                      "time/update": time.perf_counter() - t0,
                       **{k: float(np.mean([s[k] for s in mb_stats])) for k in
                          ("policy/approxkl", "policy/clipfrac", "val/clipfrac", "loss/policy", "loss/value")},
                       "first_minibatch/ratio_max_dev": mb_stats[0]["ratio_max_dev"],
                       "first_minibatch/clipfrac": mb_stats[0]["policy/clipfrac"]})
-        beta = update_beta(beta, stats["objective/kl"], ppo_cfg.batch_size, ppo_cfg.kl)
+        kl_coef = update_kl_coef(kl_coef, stats["objective/kl"], ppo_cfg.batch_size, ppo_cfg.kl)
         history.append(stats)
         log(f"ppo update {update + 1:3d} | score {stats['objective/scores']:+.3f} | "
             f"gold {stats['gold/score']:+.3f} | kl {stats['objective/kl']:.3f} "
-            f"(exact {stats['objective/kl_exact']:.3f}) | beta {stats['beta']:.3f} | "
+            f"(exact {stats['objective/kl_exact']:.3f}) | kl_coef {stats['objective/kl_coef']:.3f} | "
             f"clipfrac {stats['policy/clipfrac']:.3f} | "
             f"{1000 * (stats['time/rollout'] + stats['time/score'] + stats['time/update']):5.0f} ms")
         if on_update is not None:

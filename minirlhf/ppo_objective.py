@@ -32,7 +32,7 @@ their logging statistics, under TRL's names, in cache["stats"]; the backwards ne
 """
 import numpy as np
 
-from minirlhf.kl import validate_masked
+from .kl import validate_masked
 
 
 def _check_prefix(valid):

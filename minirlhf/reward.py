@@ -3,7 +3,7 @@
 Model. The SFT model's trunk (transformer.hidden_forward, not a copy) gives final hidden states h (B, T, C);
 the score is read at the EOS token, the last real token of `BOS prompt response EOS`:
 
-    r = h[b, t_eos] . w + b_head          w ~ N(0, 1 / sqrt(C + 1)), b_head = 0 (RLHF_REFERENCE.md)
+    r = h[b, t_eos] . w + b_head          w ~ N(0, 1 / sqrt(C + 1)), b_head = 0 (minirlhf/CONVENTIONS.md)
 
 Backward: dh[b, t_eos] = dr_b w, dw = sum_b dr_b h[b, t_eos], db_head = sum_b dr_b, then the trunk's own
 backward. A response that never emitted EOS is never scored (PPO gives it a fixed score instead).
@@ -26,8 +26,10 @@ loss. Optional terms:
 The loss fixes only reward differences, so a constant added to every score changes nothing.
 
 Normalisation: after training a gain g and bias c make the scores of SFT-policy samples mean 0, std 1:
-score = g r + c. Later stages read normalised scores; the fixed score of a no-EOS response (-1) is in
-those units.
+score = g r + c. A reward model travels with its normalisation as one value, `RewardModel`, and every
+later stage reads normalised scores (`score`, `score_samples`, `sequence_scores`). A response that never
+emitted EOS is not scored: it gets NO_EOS_SCORE, -1 in those normalised units (Ziegler et al. 2019), the
+one definition every stage uses.
 """
 import time
 from dataclasses import dataclass
@@ -36,45 +38,53 @@ import numpy as np
 from scipy.special import expit
 
 from . import transformer as tf
-from .optim import AdamWConfig, adamw_init, adamw_step, lr_schedule
-from .tokenizer import EOS, encode_example, pad_batch
-from .world import FAMILIES, behaviour, family_of
 from .annotator import ceiling_accuracy, prefer_probability, scored_pairs
+from .optim import AdamWConfig, adamw_init, adamw_step, lr_schedule
+from .tokenizer import EOS, encode_example, last_real_index, pad_batch
+from .world import FAMILIES, behaviour, family_of
+
+NO_EOS_SCORE = -1.0  # the score of a response without EOS, in normalised reward units (std 1 on SFT samples)
 
 
 # ---------------------------------------------------------------- the model
 
-def init_reward_params(trunk_params, cfg, rng):
+@dataclass(frozen=True)
+class RewardModel:
+    """A trained reward model and its normalisation: score = gain * r + bias."""
+    params: dict  # the trunk's parameters (transformer.param_shapes) plus head.w (C,) and head.b ()
+    model_cfg: tf.GPTConfig  # the trunk's architecture
+    gain: float = 1.0  # fit_normalisation: scores of SFT samples get mean 0 and std 1
+    bias: float = 0.0
+
+
+def init_reward_params(trunk_params, model_cfg, rng):
     """A reward model from a trained trunk (copied, so the SFT model stays as it is) and a fresh head."""
-    params = {k: trunk_params[k].copy() for k in tf.param_shapes(cfg)}
+    params = {k: trunk_params[k].copy() for k in tf.param_shapes(model_cfg)}
     dtype = params["wte"].dtype
-    params["head.w"] = (rng.standard_normal(cfg.n_embd) / np.sqrt(cfg.n_embd + 1)).astype(dtype)
+    params["head.w"] = (rng.standard_normal(model_cfg.n_embd) / np.sqrt(model_cfg.n_embd + 1)).astype(dtype)
     params["head.b"] = np.zeros((), dtype)
     return params
 
 
 def encode_responses(prompts, responses):
     """Texts -> right-padded (tokens, mask) of `BOS prompt response EOS`, ready to be scored."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: one response per prompt")
     return pad_batch([encode_example(p, r) for p, r in zip(prompts, responses)], side="right")
 
 
-def last_real_index(mask):
-    """Column of the last 1 of each row of a (B, T) 0/1 mask."""
-    return mask.shape[1] - 1 - np.argmax(mask[:, ::-1] > 0, axis=1)
-
-
-def reward_forward(params, cfg, tokens, mask):
-    """Score of each sequence, read at its last real token, which must be EOS. -> (r (B,), cache).
+def reward_forward(params, model_cfg, tokens, mask):
+    """Raw score r (B,) of each sequence, read at its last real token, which must be EOS, and the cache.
 
     Works for right padding and for a left-padded prompt followed by a right-padded response (PPO).
     """
-    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    tokens, mask = tf.check_tokens(model_cfg, tokens, mask)
     last = last_real_index(mask)
-    if np.any(tokens[np.arange(len(tokens)), last] != EOS) or not np.all(mask.any(axis=1)):
-        bad = int(np.flatnonzero((tokens[np.arange(len(tokens)), last] != EOS) | ~mask.any(axis=1))[0])
-        raise ValueError(f"sequence {bad} does not end in EOS: the reward model scores only finished "
-                         f"responses (a response with no EOS gets a fixed score instead)")
-    h, trunk_cache = tf.hidden_forward(params, cfg, tokens, mask)
+    not_eos = np.flatnonzero(tokens[np.arange(len(tokens)), last] != EOS)
+    if not_eos.size:
+        raise ValueError(f"sequence {int(not_eos[0])} does not end in EOS: the reward model scores only finished "
+                         f"responses (a response with no EOS gets NO_EOS_SCORE instead)")
+    h, trunk_cache = tf.hidden_forward(params, model_cfg, tokens, mask)
     h_eos = h[np.arange(len(tokens)), last]  # (B, C)
     r = h_eos @ params["head.w"] + params["head.b"]
     return r, (trunk_cache, h.shape, last, h_eos, params["head.w"])
@@ -89,6 +99,44 @@ def reward_backward(dr, cache):
     grads["head.w"] = dr @ h_eos
     grads["head.b"] = np.asarray(dr.sum(), dtype=h_eos.dtype)
     return grads
+
+
+# ---------------------------------------------------------------- normalised scores, as later stages read them
+
+def normalised(rm, r):
+    """gain * r + bias, in float64: the reward model's raw scores in the units every later stage uses."""
+    return rm.gain * np.asarray(r, np.float64) + rm.bias
+
+
+def score(rm, prompts, responses, batch_size=256):
+    """Normalised score (float64) of each (prompt, response) text pair; every response must have ended."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: one response per prompt")
+    out = [reward_forward(rm.params, rm.model_cfg, *encode_responses(prompts[i:i + batch_size],
+                                                                     responses[i:i + batch_size]))[0]
+           for i in range(0, len(prompts), batch_size)]
+    return normalised(rm, np.concatenate(out) if out else np.zeros(0))
+
+
+def score_samples(rm, prompts, samples):
+    """Normalised score of each (text, ended) sample (B,), NO_EOS_SCORE where it did not end.
+
+    Each distinct (prompt, text) is scored once, so identical responses get identical scores (a batch's
+    padding could otherwise change the last bit and split one response's score in two).
+    """
+    if len(prompts) != len(samples):
+        raise ValueError(f"{len(prompts)} prompts but {len(samples)} samples: one sample per prompt")
+    keys = sorted({(p, t) for p, (t, e) in zip(prompts, samples) if e})
+    of = dict(zip(keys, score(rm, [p for p, _ in keys], [t for _, t in keys])))
+    return np.array([of[(p, t)] if e else NO_EOS_SCORE for p, (t, e) in zip(prompts, samples)], np.float64)
+
+
+def sequence_scores(rm, tokens, mask, ended):
+    """Normalised scores (B,) of token sequences (prompt + response, any padding), NO_EOS_SCORE where not ended."""
+    scores = np.full(len(ended), NO_EOS_SCORE, np.float64)
+    if np.any(ended):
+        scores[ended] = normalised(rm, reward_forward(rm.params, rm.model_cfg, tokens[ended], mask[ended])[0])
+    return scores
 
 
 # ---------------------------------------------------------------- the losses
@@ -182,28 +230,23 @@ def ranked_batch(comparisons):
     return prompts, responses, np.array(slots).reshape(-1, 2), (len(comparisons), K)
 
 
-def loss_and_grads(params, cfg, comparisons, rm_cfg):
-    """K-way loss of a batch of comparisons and its gradient for every parameter."""
+def batch_loss(params, model_cfg, comparisons, rm_cfg):
+    """K-way loss of a batch of comparisons, and the caches its gradient needs."""
     prompts, responses, slots, shape = ranked_batch(comparisons)
-    tokens, mask = encode_responses(prompts, responses)
-    r, cache = reward_forward(params, cfg, tokens, mask)
+    r, cache = reward_forward(params, model_cfg, *encode_responses(prompts, responses))
     rewards = np.zeros(shape, r.dtype)
     valid = np.zeros(shape, bool)
     rewards[slots[:, 0], slots[:, 1]] = r
     valid[slots[:, 0], slots[:, 1]] = True
     loss, lcache = ranking_loss_forward(rewards, valid, rm_cfg.margin, rm_cfg.center_coef)
+    return float(loss), (cache, lcache, slots)
+
+
+def loss_and_grads(params, model_cfg, comparisons, rm_cfg):
+    """K-way loss of a batch of comparisons and its gradient for every parameter."""
+    loss, (cache, lcache, slots) = batch_loss(params, model_cfg, comparisons, rm_cfg)
     drewards = ranking_loss_backward(1.0, lcache)
-    return float(loss), reward_backward(drewards[slots[:, 0], slots[:, 1]], cache)
-
-
-def score(params, cfg, prompts, responses, norm=None, batch_size=256):
-    """Reward of each (prompt, response) text pair, normalised with norm = (gain, bias) if given."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        tokens, mask = encode_responses(prompts[i:i + batch_size], responses[i:i + batch_size])
-        out.append(reward_forward(params, cfg, tokens, mask)[0])
-    r = np.concatenate(out) if out else np.zeros(0)
-    return r if norm is None else norm[0] * r + norm[1]
+    return loss, reward_backward(drewards[slots[:, 0], slots[:, 1]], cache)
 
 
 def expected_agreement(r_a, r_b, p_a):
@@ -213,7 +256,7 @@ def expected_agreement(r_a, r_b, p_a):
     return np.where(r_a == r_b, 0.5, np.where(r_a > r_b, p_a, 1 - p_a))
 
 
-def evaluate(params, cfg, comparisons, annotator, n_bins=5):
+def evaluate(rm, comparisons, annotator, n_bins=5):
     """Agreement with the annotator on every scored pair, oriented by original sample order (a sampled
     before b), overall and per prompt family:
       accuracy           the fraction of the annotator's sampled labels the reward model reproduces (a tie
@@ -225,7 +268,7 @@ def evaluate(params, cfg, comparisons, annotator, n_bins=5):
                          it can never exceed;
     and calibration bins of predicted P(a > b) = sigmoid(r_a - r_b) against the annotator's exact p."""
     ended = [(c.prompt, c.responses[i]) for c in comparisons for i in range(len(c.responses)) if c.ended[i]]
-    r_all = score(params, cfg, [p for p, _ in ended], [r for _, r in ended])  # each response scored once
+    r_all = score(rm, [p for p, _ in ended], [r for _, r in ended])  # each response scored once
     r_of, rows = dict(zip(ended, r_all)), []
     for c in comparisons:
         for w, l in scored_pairs(c):
@@ -255,7 +298,7 @@ def evaluate(params, cfg, comparisons, annotator, n_bins=5):
             "pairs": len(rows), "by_family": by_family, "calibration": calibration}
 
 
-def sums_checked(params, cfg, comparisons):
+def sums_checked(rm, comparisons):
     """(rate, n): over the n scored pairs of arithmetic comparisons in which one answer states the right sum
     and the other a wrong one (world.behaviour), the fraction the model scores right-first (None if n = 0).
     The hardest thing this world asks of a reward model: read the prompt's digit and the answer's, compare."""
@@ -273,12 +316,12 @@ def sums_checked(params, cfg, comparisons):
                 pairs.append((c.prompt, b, a))
     if not pairs:
         return None, 0
-    r_right = score(params, cfg, [p for p, _, _ in pairs], [a for _, a, _ in pairs])
-    r_wrong = score(params, cfg, [p for p, _, _ in pairs], [b for _, _, b in pairs])
+    r_right = score(rm, [p for p, _, _ in pairs], [a for _, a, _ in pairs])
+    r_wrong = score(rm, [p for p, _, _ in pairs], [b for _, _, b in pairs])
     return float(np.mean(r_right > r_wrong)), len(pairs)
 
 
-def train_reward_model(params, cfg, train, val, rm_cfg, annotator, rng, log=print):
+def train_reward_model(params, model_cfg, train, val, rm_cfg, annotator, rng, log=print):
     """Train params (in place) on train comparisons; evaluate on val. Returns a history of dicts."""
     train = [c for c in train if len(scored_pairs(c)) > 0]
     if not train or not val:
@@ -288,12 +331,12 @@ def train_reward_model(params, cfg, train, val, rm_cfg, annotator, rng, log=prin
     for step in range(rm_cfg.steps):
         t_step = time.perf_counter()
         batch = [train[i] for i in rng.integers(0, len(train), rm_cfg.batch_size)]
-        loss, grads = loss_and_grads(params, cfg, batch, rm_cfg)
+        loss, grads = loss_and_grads(params, model_cfg, batch, rm_cfg)
         lr = lr_schedule(step, rm_cfg.steps, rm_cfg.lr, rm_cfg.warmup_steps)
         grad_norm = adamw_step(params, grads, state, opt, lr=lr)
         step_ms = 1000 * (time.perf_counter() - t_step)
         if (step + 1) % rm_cfg.eval_every == 0 or step == rm_cfg.steps - 1:
-            ev = evaluate(params, cfg, val, annotator)
+            ev = evaluate(RewardModel(params, model_cfg), val, annotator)
             rec = {"stage": "reward_model", "step": step + 1, "loss": loss, "val_accuracy": ev["accuracy"],
                    "val_expected_accuracy": ev["expected_accuracy"], "ceiling_accuracy": ev["ceiling"], "lr": lr,
                    "grad_norm": grad_norm, "ms": step_ms, "seconds": time.perf_counter() - t0}
@@ -303,10 +346,10 @@ def train_reward_model(params, cfg, train, val, rm_cfg, annotator, rng, log=prin
     return history
 
 
-def fit_normalisation(params, cfg, prompts, responses):
-    """(gain, bias) making the scores of these (SFT-policy, ended) samples mean 0 and std 1."""
-    r = score(params, cfg, prompts, responses).astype(np.float64)
-    std = r.std()
+def fit_normalisation(params, model_cfg, prompts, responses):
+    """The RewardModel whose scores of these (SFT-policy, ended) samples have mean 0 and std 1."""
+    r = score(RewardModel(params, model_cfg), prompts, responses)
+    std = float(r.std())
     if len(r) < 2 or not std > 0:
         raise ValueError(f"cannot normalise over {len(r)} scores with std {std}")
-    return 1.0 / std, -r.mean() / std
+    return RewardModel(params, model_cfg, gain=1.0 / std, bias=float(-r.mean() / std))

@@ -13,8 +13,6 @@ In RLHF this is step one (Ouyang et al. 2022, "InstructGPT": SFT on demonstratio
 good and bad responses on purpose (world.py), so the SFT model behaves well only part of the time: the
 room that preference learning and PPO are meant to fill. The SFT model is then both the starting policy
 and the frozen reference that PPO's KL penalty measures drift from.
-
-`sample_responses` is the sampler every later stage uses: prompts in, (response text, ended) out.
 """
 import time
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ from . import layers as L
 from . import transformer as tf
 from .checkpoint import save_checkpoint
 from .optim import AdamWConfig, adamw_init, adamw_step, lr_schedule
-from .tokenizer import decode, encode_example, pad_batch
+from .tokenizer import encode_example, pad_batch
 
 
 @dataclass(frozen=True)
@@ -60,27 +58,27 @@ def make_batch(pairs):
     return tokens[:, :-1], tokens[:, 1:], loss_mask[:, 1:], real[:, :-1]
 
 
-def loss_and_grads(params, cfg, pairs):
+def loss_and_grads(params, model_cfg, pairs):
     """Mean response-token cross-entropy of a batch and its gradient for every parameter."""
     inputs, targets, loss_mask, real = make_batch(pairs)
-    logits, cache = tf.forward(params, cfg, inputs, real)
+    logits, cache = tf.forward(params, model_cfg, inputs, real)
     loss, ce = L.cross_entropy_forward(logits, targets, loss_mask)
     return float(loss), tf.backward(L.cross_entropy_backward(1.0, ce), cache)
 
 
-def evaluate(params, cfg, pairs, batch_size=128):
+def evaluate(params, model_cfg, pairs, batch_size=128):
     """Response-token cross-entropy over all pairs (each token weighted equally)."""
     total, count = 0.0, 0
     for i in range(0, len(pairs), batch_size):
         inputs, targets, loss_mask, real = make_batch(pairs[i:i + batch_size])
-        logits, _ = tf.forward(params, cfg, inputs, real)
+        logits, _ = tf.forward(params, model_cfg, inputs, real)
         loss, _ = L.cross_entropy_forward(logits, targets, loss_mask)
         total += float(loss) * loss_mask.sum()
         count += loss_mask.sum()
     return total / count
 
 
-def train_sft(params, cfg, train_pairs, val_pairs, sft_cfg, rng, log=print, checkpoint=None):
+def train_sft(params, model_cfg, train_pairs, val_pairs, sft_cfg, rng, log=print, checkpoint=None):
     """Fine-tune params (in place) on train_pairs. Returns a history: one dict per logged step.
 
     Every eval_every steps (and at the last) logs `step | loss | val | ms` and records it. With
@@ -94,12 +92,12 @@ def train_sft(params, cfg, train_pairs, val_pairs, sft_cfg, rng, log=print, chec
     for step in range(sft_cfg.steps):
         t_step = time.perf_counter()
         idx = rng.integers(0, len(train_pairs), sft_cfg.batch_size)
-        loss, grads = loss_and_grads(params, cfg, [train_pairs[i] for i in idx])
+        loss, grads = loss_and_grads(params, model_cfg, [train_pairs[i] for i in idx])
         lr = lr_schedule(step, sft_cfg.steps, sft_cfg.lr, sft_cfg.warmup_steps)
         grad_norm = adamw_step(params, grads, state, opt, lr=lr)
         step_ms = 1000 * (time.perf_counter() - t_step)
         if (step + 1) % sft_cfg.eval_every == 0 or step == sft_cfg.steps - 1:
-            val = evaluate(params, cfg, val_pairs)
+            val = evaluate(params, model_cfg, val_pairs)
             rec = {"stage": "sft", "step": step + 1, "loss": loss, "val_loss": val, "lr": lr,
                    "grad_norm": grad_norm, "ms": step_ms,
                    "seconds": time.perf_counter() - t0}
@@ -107,21 +105,5 @@ def train_sft(params, cfg, train_pairs, val_pairs, sft_cfg, rng, log=print, chec
             log(f"sft step {step + 1:4d} | loss {loss:.3f} | val {val:.3f} | lr {lr:.2e} | "
                 f"{rec['ms']:5.0f} ms")
     if checkpoint is not None:
-        save_checkpoint(checkpoint, params, cfg, info={"stage": "sft", "steps": sft_cfg.steps})
+        save_checkpoint(checkpoint, params, model_cfg, info={"stage": "sft", "steps": sft_cfg.steps})
     return history
-
-
-def encode_prompts(prompt_texts):
-    """Prompt texts -> left-padded (tokens, mask) ending where the response will begin."""
-    return pad_batch([encode_example(p) for p in prompt_texts], side="left")
-
-
-def sample_responses(params, cfg, prompt_texts, rng, max_new_tokens=None, temperature=1.0, batch_size=256):
-    """Sample one response per prompt. Returns [(response_text, ended)], ended = it emitted EOS."""
-    out = []
-    for i in range(0, len(prompt_texts), batch_size):
-        tokens, mask = encode_prompts(prompt_texts[i:i + batch_size])
-        n_new = cfg.n_ctx - tokens.shape[1] if max_new_tokens is None else max_new_tokens
-        gen = tf.generate(params, cfg, tokens, mask, n_new, rng, temperature=temperature)
-        out += [(decode(row), bool(e)) for row, e in zip(gen["tokens"], gen["ended"])]
-    return out

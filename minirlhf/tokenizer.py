@@ -9,16 +9,17 @@ uses them:
 
 PAD is deliberately not EOS. When the two share an id (a common shortcut with GPT-2 tokenizers), masking
 the padding also masks the real EOS, and a model trained that way never learns to stop
-(RLHF_REFERENCE.md, "Sequences").
+(minirlhf/CONVENTIONS.md, "Sequences").
 
 A training example is laid out as
 
     BOS p_1 ... p_P r_1 ... r_R EOS
 
 and `pad_batch` stacks examples into a (B, T) int array with a (B, T) mask (1 = real token, 0 = PAD).
-Prompts for generation are *left* padded, so every prompt ends in the same column and sampling appends
-to the right; training sequences are right padded. The transformer derives positions from the mask, so
-either side is correct.
+Prompts for generation are *left* padded (`encode_prompts`), so every prompt ends in the same column and
+sampling appends to the right; training sequences are right padded. The transformer derives positions from
+the mask, so either side is correct. `last_real_index` finds where each row's real tokens end: the EOS a
+reward model reads, the last response token that receives the score.
 """
 import numpy as np
 
@@ -86,3 +87,17 @@ def pad_batch(seqs, side="right", length=None):
         tokens[b, sl] = s
         mask[b, sl] = 1
     return tokens, mask
+
+
+def encode_prompts(prompt_texts):
+    """Prompt texts -> left-padded (tokens, mask) of `BOS prompt`, every row ending where its response begins."""
+    return pad_batch([encode_example(p) for p in prompt_texts], side="left")
+
+
+def last_real_index(mask):
+    """Column of the last 1 of each row of a (B, T) 0/1 mask; ValueError if a row has none."""
+    real = np.asarray(mask) > 0
+    if real.ndim != 2 or not real.any(axis=1).all():
+        empty = np.flatnonzero(~real.any(axis=1)) if real.ndim == 2 else []
+        raise ValueError(f"mask must be (B, T) with at least one real token per row; rows {list(empty)} have none")
+    return real.shape[1] - 1 - np.argmax(real[:, ::-1], axis=1)

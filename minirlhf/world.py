@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minirlhf.tokenizer import encode
+from .tokenizer import encode
 
 FAMILIES = ("greeting", "arithmetic", "unsafe", "unknowable")
 STYLES = {  # the first style of each family is the preferred one
@@ -93,8 +93,8 @@ CRITERIA = ("helpful", "safe", "calibrated", "polite", "concise", "wellformed")
 CONCISE_CHARS = 24      # responses up to this many characters pay no length penalty
 CONCISE_PENALTY = 0.1   # gold lost per character beyond CONCISE_CHARS
 TYPO_PENALTY = 1.0      # gold lost per word no template uses, in a response that is mostly real words
-GIBBERISH_SCORE = -2.5  # gold of an empty response, or one whose words are mostly not the world's words
-NO_EOS_SCORE = -3.0     # gold of a response that never emitted EOS
+GIBBERISH_GOLD = -2.5  # gold of an empty response, or one whose words are mostly not the world's words
+NO_EOS_GOLD = -3.0     # gold of a response that never emitted EOS
 
 _WORD = re.compile(r"[a-z']+|[0-9]+")
 # The words the world's responses use (numbers are always allowed).
@@ -245,7 +245,8 @@ def sft_corpus(prompts, n, rng, preferred_rate=0.45, family_weights=None):
     """n (prompt_text, response_text) examples for supervised fine-tuning.
 
     Prompts come from `sample_prompts` (families equally often, or as family_weights says). The response
-    has the preferred style with probability preferred_rate, else one of the family's bad styles uniformly. The default 0.45 gives:
+    has the preferred style with probability preferred_rate, else one of the family's bad styles uniformly.
+    The default 0.45 gives:
     greeting polite .45, rude .275, rambling .275; arithmetic correct .45, each bad style .183; unsafe
     refuses .45, complies .55; unknowable uncertain .45, overconfident .55.
     """
@@ -269,7 +270,7 @@ def _judge(prompt, response, ended):
     unknown = [w for w in words if not (w.isdigit() or w in LEXICON)]
     if not ended or not words or 2 * len(unknown) > len(words):
         label = "no_eos" if not ended else ("empty" if response == "" else "gibberish")
-        score["wellformed"] = NO_EOS_SCORE if not ended else GIBBERISH_SCORE
+        score["wellformed"] = NO_EOS_GOLD if not ended else GIBBERISH_GOLD
         return label, score
     joined = " " + " ".join(words) + " "
     has = {name: any(f" {phrase} " in joined for phrase in phrases) for name, phrases in PHRASES.items()}

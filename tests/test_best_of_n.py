@@ -1,9 +1,6 @@
 """Best-of-n: its law against brute-force enumeration, its KL against the log n - (n-1)/n formula (an upper
-bound, reached only in the continuous limit), sampling with the transformer, and demos/frontier.py --quick."""
-import importlib.util
+bound, reached only in the continuous limit), and sampling with the transformer."""
 import itertools
-import json
-import os
 
 import numpy as np
 import pytest
@@ -11,13 +8,8 @@ from hypothesis import given, strategies as st
 
 from minirlhf import best_of_n as bon
 from minirlhf import transformer as tf
-from minirlhf.checkpoint import save_checkpoint
-from minirlhf.demo import MODEL
-from minirlhf.reward import init_reward_params
+from minirlhf.reward import NO_EOS_SCORE, RewardModel, init_reward_params, score_samples
 from minirlhf.tokenizer import EOS, VOCAB_SIZE
-from minirlhf.world import all_prompts, split_prompts
-
-FRONTIER = os.path.join(os.path.dirname(__file__), os.pardir, "demos", "frontier.py")
 
 
 def enumerate_bon(p, r, n):
@@ -118,50 +110,25 @@ def random_models(cfg, seed=0, eos_logit=2.5):
     policy = tf.init_params(cfg, rng)
     e = policy["wte"][EOS]
     policy["ln_f.b"] = (eos_logit * e / (e @ e)).astype(np.float32)
-    return policy, init_reward_params(policy, cfg, rng)
+    return (tf.Policy(policy, cfg, tf.Sampling(max_new_tokens=20)),
+            RewardModel(init_reward_params(policy, cfg, rng), cfg, gain=2.0, bias=-0.5))
 
 
 def test_best_of_n_keeps_the_highest_score_and_scores_identical_texts_identically():
-    cfg = tf.Config(vocab_size=VOCAB_SIZE, n_ctx=40, n_layer=1, n_head=2, n_embd=16)
+    cfg = tf.GPTConfig(vocab_size=VOCAB_SIZE, n_ctx=40, n_layer=1, n_head=2, n_embd=16)
     policy, reward_model = random_models(cfg)
     prompts = ["hi!", "what is 2+1?", "hi!"]
-    best, samples, scores = bon.best_of_n(policy, cfg, reward_model, (2.0, -0.5), prompts, 6,
-                                          np.random.default_rng(1))
+    best, samples, scores = bon.best_of_n(policy, reward_model, prompts, 6, np.random.default_rng(1))
     assert scores.shape == (3, 6) and len(samples) == 3 and all(len(s) == 6 for s in samples)
     for row, s, b in zip(scores, samples, best):
         assert b == s[int(np.argmax(row))]
         for (text, ended), value in zip(s, row):
-            assert ended or value == bon.NO_EOS_SCORE
+            assert ended or value == NO_EOS_SCORE
     flat_prompts = [p for p in prompts for _ in range(6)]
     flat = [x for s in samples for x in s]
     by_text = {}
     for key, value in zip(zip(flat_prompts, flat), scores.ravel()):
         assert by_text.setdefault(key, value) == value  # a repeated response gets exactly the same score
     assert len(by_text) < len(flat)  # there were repeats to check
-    single = bon.score_samples(reward_model, cfg, (2.0, -0.5), ["hi!"], [samples[0][0]])
+    single = score_samples(reward_model, ["hi!"], [samples[0][0]])
     assert single[0] == pytest.approx(scores[0, 0], rel=1e-5)
-
-
-def test_frontier_quick_runs_and_writes_every_method(tmp_path):
-    """--quick on a run directory of random demo-size models: a smoke test of the whole script."""
-    policy, reward_model = random_models(MODEL)
-    save_checkpoint(tmp_path / "sft.npz", policy, MODEL, info={"stage": "sft"})
-    save_checkpoint(tmp_path / "reward.npz", reward_model, MODEL,
-                    info={"stage": "reward_model", "gain": 1.5, "bias": 0.1})
-    train, val = split_prompts(all_prompts(), 0.25, np.random.default_rng(0))
-    split = {"train": [p.text for p in train], "val": [p.text for p in val]}
-    (tmp_path / "split.json").write_text(json.dumps(split))
-    spec = importlib.util.spec_from_file_location("frontier", FRONTIER)
-    frontier = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(frontier)
-    out = tmp_path / "frontier.json"
-    result = frontier.main(["--quick", "--run", str(tmp_path), "--json", str(out),
-                            "--plot", str(tmp_path / "f.png")])
-    on_disk = json.loads(out.read_text())
-    assert {p["method"] for p in on_disk["points"]} == {"PPO", "DPO", "BoN"}
-    assert len(on_disk["points"]) == len(result["points"]) == 2 + 2 + 3
-    for p in on_disk["points"]:
-        assert np.isfinite(p["gold"]) and np.isfinite(p["kl"]) and p["kl"] >= 0, p
-        if p["method"] == "BoN":
-            assert p["kl"] <= p["kl_bound"] + 1e-12
-    assert on_disk["pairs"] > 0 and set(on_disk["dpo_puzzle"]) == {"1.0", "0.1"}

@@ -8,7 +8,7 @@ import pytest
 from minirlhf import transformer as tf
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
 
-CFG = tf.Config(vocab_size=11, n_ctx=8, n_layer=1, n_head=2, n_embd=8)
+CFG = tf.GPTConfig(vocab_size=11, n_ctx=8, n_layer=1, n_head=2, n_embd=8)
 
 
 def test_round_trip_with_extra_head(tmp_path):

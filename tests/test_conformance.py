@@ -4,30 +4,21 @@ import numpy as np
 import pytest
 from hypothesis import Phase, settings
 
-from minirlhf import conformance as K
-from minirlhf.conformance import MODEL_TOL, OP_TOL
 from minirlhf import layers as L
 from minirlhf import optim
 from minirlhf import ppo_objective as po
 from minirlhf import transformer as tf
-from minirlhf.fixtures import REFERENCE
-from minirlhf.testing import TINY
+from minirlhf.kit import conformance as K
+from minirlhf.kit.gradcheck import MODEL_TOL, OP_TOL
+from minirlhf.kit.inputs import KIT_MODEL
+from minirlhf.kit.registry import FUNCTIONS, reference
 
-REF = REFERENCE(TINY)
-
-CHECKS = {"linear": K.check_linear, "layernorm": K.check_layernorm, "gelu": K.check_gelu,
-          "attention": K.check_attention, "cross_entropy": K.check_cross_entropy,
-          "token_logprobs": K.check_token_logprobs, "entropy": K.check_entropy,
-          "transformer": K.check_transformer, "reward_model": K.check_reward_model,
-          "value_model": K.check_value_model, "policy_loss": K.check_policy_loss,
-          "value_loss": K.check_value_loss, "bt_loss": K.check_bt_loss, "ranking_loss": K.check_ranking_loss,
-          "kl_estimators": K.check_kl_estimators, "exact_kl": K.check_exact_kl,
-          "token_rewards": K.check_token_rewards, "gae": K.check_gae, "whiten": K.check_whiten,
-          "adamw": K.check_adamw, "dpo_loss": K.check_dpo_loss}
+REF = {name: reference(name, KIT_MODEL) for name in FUNCTIONS}
+CHECKS = {name: getattr(K, entry.check) for name, entry in FUNCTIONS.items() if entry.check}
 
 
-def test_every_reference_function_has_a_check():
-    assert set(REF) - {"ppo_minibatch"} == set(CHECKS)  # ppo_minibatch: a fixture, no properties
+def test_every_function_of_the_registry_has_a_check_or_a_fixture():
+    assert set(CHECKS) == set(FUNCTIONS) - {"ppo_minibatch"}  # ppo_minibatch: a fixture, no properties
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
@@ -51,8 +42,8 @@ def _erf_gelu(x):
     return 0.5 * x * (1 + erf(x / np.sqrt(2)))
 
 
-def _score_one_after_eos(scores, logp, logp_ref, mask, beta):  # TRL's placement, inside the array
-    r = np.where(mask > 0, -beta * (logp - logp_ref), 0)
+def _score_one_after_eos(scores, logp, logp_ref, mask, kl_coef):  # TRL's placement, inside the array
+    r = np.where(mask > 0, -kl_coef * (logp - logp_ref), 0)
     last = mask.sum(1)
     inside = last < mask.shape[1]
     r[np.arange(len(r))[inside], last[inside]] += scores[inside]
@@ -81,7 +72,7 @@ def _adamw_eps_inside(params, grads, lr, weight_decay, max_grad_norm):  # TF-sty
 
 
 def _mask_ignored(params, tokens, mask):  # pads attended to, positions 0 .. T-1
-    return tf.forward(params, TINY, tokens)[0]
+    return tf.forward(params, KIT_MODEL, tokens)[0]
 
 
 def _k3_wrong_sign(logp, logp_ref, mask):

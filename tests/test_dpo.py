@@ -9,12 +9,12 @@ from minirlhf import dpo
 from minirlhf import transformer as tf
 from minirlhf.annotator import AnnotatorConfig, sample_comparisons
 from minirlhf.layers import log_softmax
-from minirlhf.sft import SFTConfig, sample_responses, train_sft
-from minirlhf.testing import check_gradients, model_gradient_errors
+from minirlhf.kit.gradcheck import MODEL_TOL, OP_TOL, gradient_errors, key_bias_zero
+from minirlhf.sft import SFTConfig, train_sft
 from minirlhf.tokenizer import EOS, VOCAB_SIZE, encode_example
 from minirlhf.world import get_prompt, gold
 
-TINY = tf.Config(vocab_size=VOCAB_SIZE, n_ctx=32, n_layer=1, n_head=2, n_embd=8)
+TINY = tf.GPTConfig(vocab_size=VOCAB_SIZE, n_ctx=16, n_layer=1, n_head=2, n_embd=4)
 PAIRS = [("hi!", "hello!", "go away."), ("2+1?", "3.", "it is 4."), ("x", "ab c", "ab")]  # shared prefixes too
 
 
@@ -30,41 +30,44 @@ def test_loss_gradients(loss, beta):
     x = dict(zip(["lw", "ll", "rw", "rl"], four_logps(np.random.default_rng(0))))
     f = lambda: 1.3 * forward(x["lw"], x["ll"], x["rw"], x["rl"], beta)[0]  # noqa: E731
     grads = backward(1.3, forward(x["lw"], x["ll"], x["rw"], x["rl"], beta)[1])
-    for name, err in check_gradients(f, x, dict(zip(x, grads))).items():
-        assert err < 1e-7, (loss, beta, name, err)
+    for name, err in gradient_errors(f, x, dict(zip(x, grads))).items():
+        assert err < OP_TOL, (loss, beta, name, err)
 
 
-def wide_models(seed=0, scale=0.3):
-    """A tiny float64 policy and a different reference (so u != 0), both with a wide init."""
+def wide_models(seed=0, scale=0.3, temperature=1.0):
+    """A tiny float64 policy (a Policy) and a different reference (so u != 0), both with a wide init."""
     rng = np.random.default_rng(seed)
     policy = tf.init_params(TINY, rng, np.float64)
     reference = {}
     for k in policy:
         reference[k] = policy[k] + scale * rng.standard_normal(policy[k].shape)
         policy[k] = policy[k] + scale * rng.standard_normal(policy[k].shape)
-    return policy, reference
+    return tf.Policy(policy, TINY, tf.Sampling(temperature, 8)), reference
 
 
-def test_whole_model_gradient_every_parameter():
-    """DPO through the transformer (IPO takes the same path from its loss gradient, checked above)."""
-    policy, reference = wide_models()
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_whole_model_gradient_every_parameter(tau):
+    """DPO through the transformer at the policy's temperature (IPO takes the same path from its loss
+    gradient, checked above)."""
+    policy, reference = wide_models(temperature=tau)
     beta, loss = 0.5, "dpo"
-    _, grads, stats = dpo.dpo_loss_and_grads(policy, reference, TINY, PAIRS, beta, loss)
+    _, grads, stats = dpo.dpo_loss_and_grads(policy, reference, PAIRS, beta, loss)
     prompts, responses = [p for p, _, _ in PAIRS] * 2, [w for _, w, _ in PAIRS] + [l for _, _, l in PAIRS]
-    ref = dpo.sequence_logprobs_forward(reference, TINY, prompts, responses)[0]  # fixed: computed once
+    ref = dpo.sequence_logprobs_forward(reference, TINY, prompts, responses, tau)[0]  # fixed: computed once
 
     def f():  # the same loss as dpo_loss_and_grads, one forward pass of the policy per evaluation
-        logp = dpo.sequence_logprobs_forward(policy, TINY, prompts, responses)[0]
+        logp = dpo.sequence_logprobs_forward(policy.params, TINY, prompts, responses, tau)[0]
         return dpo.LOSSES[loss][0](logp[:3], logp[3:], ref[:3], ref[3:], beta)[0]
-    assert f() == dpo.dpo_loss_and_grads(policy, reference, TINY, PAIRS, beta, loss)[0]
+    assert f() == dpo.dpo_loss_and_grads(policy, reference, PAIRS, beta, loss)[0]
     assert abs(stats["rewards/margins"]) > 0.1  # u far from 0
-    for name, err in model_gradient_errors(f, policy, grads, TINY.n_embd).items():
-        assert err < 1e-5, f"{name}: relative error {err:.2e}"
+    errors = gradient_errors(f, {"params": policy.params}, {"params": grads}, zero=key_bias_zero(TINY))
+    for name, err in errors.items():
+        assert err < MODEL_TOL, f"{name}: relative error {err:.2e}"
 
 
 def test_sequence_logprob_equals_token_by_token_oracle():
     """Sum over response tokens and EOS, prompt excluded, padding ignored: against one forward per token."""
-    policy, _ = wide_models(1)
+    policy = wide_models(1)[0].params
     prompts, responses = [p for p, _, _ in PAIRS], [w for _, w, _ in PAIRS]
     logp, _ = dpo.sequence_logprobs_forward(policy, TINY, prompts, responses)
     for b, (p, r) in enumerate(zip(prompts, responses)):
@@ -135,7 +138,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="beta"):
         dpo.dpo_loss_forward(z, z, z, z, beta=0.0)
     with pytest.raises(ValueError, match="one response per prompt"):
-        dpo.sequence_logprobs_forward(wide_models()[0], TINY, ["hi"], ["a", "b"])
+        dpo.sequence_logprobs_forward(wide_models()[0].params, TINY, ["hi"], ["a", "b"])
     with pytest.raises(ValueError):
         dpo.DPOConfig(loss="kto")
     with pytest.raises(ValueError):
@@ -147,28 +150,28 @@ def test_bad_input():
 def test_nan_reference_raises_and_leaves_the_policy_untouched():
     policy, reference = wide_models()
     reference["ln_f.b"][0] = np.nan
-    before = {k: v.copy() for k, v in policy.items()}
+    before = {k: v.copy() for k, v in policy.params.items()}
     cfg = dpo.DPOConfig(steps=2, batch_size=2, warmup_steps=0)
     with pytest.raises(ValueError, match="NaN"):
-        dpo.train_dpo(policy, reference, TINY, PAIRS, cfg, np.random.default_rng(0), log=lambda s: None)
-    for k in policy:
-        np.testing.assert_array_equal(policy[k], before[k])
+        dpo.train_dpo(policy, reference, PAIRS, cfg, np.random.default_rng(0), log=lambda s: None)
+    for k in policy.params:
+        np.testing.assert_array_equal(policy.params[k], before[k])
     with pytest.raises(ValueError, match="share arrays"):
-        dpo.train_dpo(policy, policy, TINY, PAIRS, cfg, np.random.default_rng(0), log=lambda s: None)
+        dpo.train_dpo(policy, policy.params, PAIRS, cfg, np.random.default_rng(0), log=lambda s: None)
     with pytest.raises(ValueError, match="fewer than one batch"):
-        dpo.train_dpo(policy, before, TINY, PAIRS, dpo.DPOConfig(batch_size=4), np.random.default_rng(0))
+        dpo.train_dpo(policy, before, PAIRS, dpo.DPOConfig(batch_size=4), np.random.default_rng(0))
 
 
 # ---------------------------------------------------------------- learning
 
-LEARN = tf.Config(vocab_size=VOCAB_SIZE, n_ctx=16, n_layer=1, n_head=2, n_embd=16)
+LEARN = tf.GPTConfig(vocab_size=VOCAB_SIZE, n_ctx=16, n_layer=1, n_head=2, n_embd=16)
 SUMS = [get_prompt(f"{a}+1?") for a in range(4)]  # "0+1?" .. "3+1?", answers 1 .. 4
 
 
-def mean_gold(params, n=256):
-    """Mean gold of n samples over SUMS, the same draws for any params (one fixed seed)."""
+def mean_gold(policy, n=256):
+    """Mean gold of n samples over SUMS, the same draws for any policy (one fixed seed)."""
     texts = [SUMS[i % len(SUMS)].text for i in range(n)]
-    samples = sample_responses(params, LEARN, texts, np.random.default_rng(7))
+    samples = tf.sample_responses(policy, texts, np.random.default_rng(7))
     return float(np.mean([gold(t, s, e) for t, (s, e) in zip(texts, samples)]))
 
 
@@ -185,11 +188,12 @@ def test_dpo_on_own_samples_raises_gold():
               for p in (SUMS[i] for i in rng.integers(len(SUMS), size=1000))]
     train_sft(sft, LEARN, corpus, corpus[:50], SFTConfig(steps=200, batch_size=16, lr=1e-2, warmup_steps=5,
                                                          eval_every=200), rng, log=lambda s: None)
-    sampler = lambda texts, r: sample_responses(sft, LEARN, texts, r)  # noqa: E731
+    sft = tf.Policy(sft, LEARN, tf.Sampling(max_new_tokens=11))
+    sampler = lambda texts, r: tf.sample_responses(sft, texts, r)  # noqa: E731
     comparisons = sample_comparisons(SUMS * 4, sampler, 4, AnnotatorConfig(temperature=0.5), rng)
     pairs = dpo.preference_pairs(comparisons)
-    policy = {k: v.copy() for k, v in sft.items()}
-    history = dpo.train_dpo(policy, sft, LEARN, pairs, dpo.DPOConfig(beta=0.1, steps=40, batch_size=8, lr=5e-4,
+    policy = tf.copy_policy(sft)
+    history = dpo.train_dpo(policy, sft.params, pairs, dpo.DPOConfig(beta=0.1, steps=40, batch_size=8, lr=5e-4,
                                                                       warmup_steps=2), rng, log=lambda s: None)
     assert history[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy = reference at the first step
     assert history[0]["rewards/margins"] == 0.0 and history[0]["rewards/accuracies"] == 0.0

@@ -8,7 +8,7 @@ from scipy import stats
 from minirlhf import exact as E
 from minirlhf import kl, ppo_objective as po
 from minirlhf import transformer as tf
-from minirlhf.testing import numerical_gradient_at, rel_error
+from minirlhf.kit.gradcheck import numerical_gradient, rel_error
 
 SIZES = (100, 1000, 10000, 100000)
 
@@ -41,7 +41,7 @@ def test_sequence_kl_is_the_expected_sum_of_per_token_exact_kl(tau):
     w = E.enumerate_all(policy, reference, temperature=tau)
     seq = np.hstack([np.full((len(w["tokens"]), 1), E.BOS), w["tokens"]])
     seq_mask = np.hstack([np.ones((len(seq), 1), np.int64), w["mask"]])
-    logits = [tf.forward(m, E.CFG, seq, seq_mask)[0][:, :-1] for m in (policy, reference)]
+    logits = [tf.forward(m, E.EXACT_MODEL, seq, seq_mask)[0][:, :-1] for m in (policy, reference)]
     along_path = kl.exact_kl(*logits, temperature=tau, mask=w["mask"]).sum(axis=1)  # (S,)
     assert w["kl"] > 0.05
     assert abs(w["p"] @ along_path - w["kl"]) < 1e-12
@@ -51,7 +51,7 @@ def test_sequence_kl_is_the_expected_sum_of_per_token_exact_kl(tau):
 def test_generate_samples_the_enumerated_distribution_at_a_temperature():
     policy, _ = E.models(0)
     w = E.enumerate_all(policy, policy, temperature=0.8)
-    counts = np.bincount(E.sample(policy, E.CFG, 20000, np.random.default_rng(5), 0.8), minlength=len(w["p"]))
+    counts = np.bincount(E.sample(policy, E.EXACT_MODEL, 20000, np.random.default_rng(5), 0.8), minlength=len(w["p"]))
     assert stats.chisquare(counts, w["p"] * counts.sum()).pvalue > 1e-3
     wrong = E.enumerate_all(policy, policy, temperature=1.0)["p"]  # scoring without the sampling temperature
     assert stats.chisquare(counts, wrong * counts.sum()).pvalue < 1e-6
@@ -75,9 +75,9 @@ def test_exact_gradient_matches_finite_differences_of_the_exact_objective():
     rng = np.random.default_rng(0)
     for name, x in policy.items():
         idx = rng.choice(x.size, min(x.size, 6), replace=False)
-        analytic, numeric = grads[name].ravel()[idx], numerical_gradient_at(J, x, idx)
+        analytic, numeric = grads[name].ravel()[idx], numerical_gradient(J, x, idx)
         if name.endswith("attn.b_qkv"):  # the key bias: exactly 0 (softmax ignores a shift)
-            keep = (idx < E.CFG.n_embd) | (idx >= 2 * E.CFG.n_embd)
+            keep = (idx < E.EXACT_MODEL.n_embd) | (idx >= 2 * E.EXACT_MODEL.n_embd)
             assert np.abs(analytic[~keep]).max(initial=0) < 1e-12
             analytic, numeric = analytic[keep], numeric[keep]
         assert rel_error(analytic, numeric) < 1e-6, name
@@ -107,13 +107,13 @@ def test_ppo_estimate_on_a_sampled_batch_equals_the_count_weighted_one(world):
     """Running ppo.py's array math on the sampled batch itself (repeated rows, the token mean over the batch)
     gives what per_response + counts give: the counts shortcut in report() is the real estimator."""
     policy, _ = E.models(0)
-    idx = E.sample(policy, E.CFG, 300, np.random.default_rng(7))
+    idx = E.sample(policy, E.EXACT_MODEL, 300, np.random.default_rng(7))
     values = E.true_values(world)
     batch = {k: world[k][idx] for k in ("tokens", "mask", "scores", "logp", "logp_ref")}
-    rewards, _ = kl.token_rewards(batch["scores"], batch["logp"], batch["logp_ref"], batch["mask"], E.BETA)
+    rewards, _ = kl.token_rewards(batch["scores"], batch["logp"], batch["logp_ref"], batch["mask"], E.KL_COEF)
     adv, _ = po.gae(rewards, values[idx], batch["mask"], 1.0, 0.95)
     _, cache = po.policy_loss_forward(batch["logp"], batch["logp"], adv, batch["mask"])
-    _, caches = E.token_logprobs(policy, E.CFG, batch["tokens"], batch["mask"])
+    _, caches = E.token_logprobs(policy, E.EXACT_MODEL, batch["tokens"], batch["mask"])
     direct = -E.flat(E.backprop(po.policy_loss_backward(1.0, cache), caches)) * batch["mask"].sum() / len(idx)
     F = E.per_response(world, lambda w: E.ppo_weights(world, w, values, 0.95))
     counted = np.bincount(idx, minlength=len(F)) @ F / len(idx)

@@ -1,39 +1,26 @@
-"""The lesson's experiments (demos/kl_sweep.py, length_bias.py, labelling_cost.py, explain_ranking.py):
-each --quick mode runs through main(argv) and writes JSON whose fields hold finite numbers. This tests the
-plumbing, not the science: a tiny SFT and reward model, built by the experiments' own fallback for a
-missing demo run (as on CI, where runs/ is not committed), stand in for the demo's."""
+"""The scripts in demos/: each --quick run starts from a demo run (the session's tiny one) through main(argv)
+and writes JSON whose numbers are all finite and a figure where matplotlib is installed; a flag typed with
+--quick wins over the quick preset; a folder that is not one finished run is refused with a message; a
+script given an empty folder makes its demo run first. This tests the plumbing, not the science."""
 import json
 import math
 import os
 import sys
 
-import numpy as np
 import pytest
 
-from minirlhf.checkpoint import save_checkpoint
-from minirlhf.demo import MODEL, write_json
+from minirlhf import runs
 from minirlhf.world import FAMILIES
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demos"))
 import _common  # noqa: E402
+import dpo_puzzle  # noqa: E402
 import explain_ranking  # noqa: E402
+import frontier  # noqa: E402
 import kl_sweep  # noqa: E402
 import labelling_cost  # noqa: E402
 import length_bias  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A demo-run directory (what load_run reads) holding the tiny stages a quick experiment builds when
-    its --from directory is missing; built once, then every experiment starts from it."""
-    out = tmp_path_factory.mktemp("tiny_run")
-    start = _common.starting_point(str(out / "missing"), True, np.random.default_rng(0), log=lambda line: None)
-    save_checkpoint(str(out / "sft.npz"), start["sft"], MODEL, info={"stage": "sft"})
-    save_checkpoint(str(out / "reward.npz"), start["reward_model"], MODEL,
-                    info={"stage": "reward_model", "gain": float(start["norm"][0]), "bias": float(start["norm"][1])})
-    write_json(str(out / "split.json"), {"train": [p.text for p in start["train_prompts"]],
-                                         "val": [p.text for p in start["val_prompts"]]})
-    return out
+import reward_benchmark  # noqa: E402
 
 
 def numbers(value):
@@ -45,11 +32,11 @@ def numbers(value):
     return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
-def run_quick(module, tiny_run, tmp_path):
+def run_quick(module, tiny_run, tmp_path, *extra):
     """main(--quick) from the tiny run; returns the JSON it wrote, after checking every number is finite and
     that --plot either wrote a figure or found no matplotlib."""
     path, fig = tmp_path / "out.json", tmp_path / "fig.png"
-    module.main(["--quick", "--from", str(tiny_run), "--json", str(path), "--plot", str(fig)])
+    module.main(["--quick", "--run", str(tiny_run[0]), "--json", str(path), "--plot", str(fig), *extra])
     out = json.loads(path.read_text())
     assert out["args"]["quick"] is True and out["seconds"] > 0
     bad = [x for x in numbers(out) if not math.isfinite(x)]
@@ -64,16 +51,16 @@ def run_quick(module, tiny_run, tmp_path):
 
 def test_kl_sweep(tiny_run, tmp_path):
     out = run_quick(kl_sweep, tiny_run, tmp_path)
-    betas = kl_sweep.QUICK["betas"]
-    assert [r["name"] for r in out["final"]] == ["SFT"] + [f"beta {b}" for b in betas]
+    coefs = kl_sweep.QUICK["kl_coefs"]
+    assert [r["name"] for r in out["final"]] == ["SFT"] + [f"kl_coef {b}" for b in coefs]
     for r in out["final"]:
         for key in ("proxy", "gold", "kl", "kl_exact", "length", "ended"):
             assert isinstance(r[key], float), (r["name"], key)
     assert out["final"][0]["kl_exact"] == 0.0  # the SFT model against itself
-    for b in betas:
+    for b in coefs:
         curve = out["training"][str(b)]
-        assert len(curve["gold"]) == len(curve["proxy"]) == len(curve["kl"]) == kl_sweep.QUICK["updates"]
-        assert 1 <= curve["peak_update"] <= kl_sweep.QUICK["updates"]
+        assert len(curve["gold"]) == len(curve["proxy"]) == len(curve["kl"]) == kl_sweep.QUICK["ppo_updates"]
+        assert 1 <= curve["peak_update"] <= kl_sweep.QUICK["ppo_updates"]
     assert out["hacking_samples"] and all(set(s["criteria"]) and "gold" in s for s in out["hacking_samples"])
 
 
@@ -110,8 +97,71 @@ def test_explain_ranking(tiny_run, tmp_path):
     assert 0 <= out["rm_agreement"]["agree"] <= out["rm_agreement"]["pairs"]
 
 
-@pytest.mark.parametrize("module, argv", [(kl_sweep, ["--betas", "-0.1"]), (length_bias, ["--labels", "0"]),
-                                          (labelling_cost, ["--labels", "0"]), (explain_ranking, ["--k", "1"])])
+def test_frontier(tiny_run, tmp_path):
+    out = run_quick(frontier, tiny_run, tmp_path)
+    q = frontier.QUICK
+    assert {p["method"] for p in out["points"]} == {"PPO", "DPO", "BoN"}
+    assert len(out["points"]) == len(q["kl_coefs"]) + len(q["dpo_betas"]) + len(q["bon_ns"])
+    for p in out["points"]:
+        assert p["kl"] >= 0, p
+        if p["method"] == "BoN":
+            assert p["kl"] <= p["kl_bound"] + 1e-12
+    assert out["pairs"] > 0 and set(out["dpo_puzzle"]) == {str(b) for b in q["dpo_betas"]}
+
+
+def test_dpo_puzzle(tiny_run, tmp_path):
+    out = run_quick(dpo_puzzle, tiny_run, tmp_path)
+    assert out["pairs"] == dpo_puzzle.QUICK["pairs"] and 0 <= out["chosen_fell"] <= 1
+
+
+def test_reward_benchmark(tmp_path):
+    path = tmp_path / "out.json"
+    reward_benchmark.main(["--quick", "--json", str(path), "--plot", str(tmp_path / "fig.png")])
+    out = json.loads(path.read_text())
+    assert [r["seed"] for r in out["seeds"]] == reward_benchmark.QUICK["seeds"]
+    assert [r["labels"] for r in out["labelling_cost"]] == reward_benchmark.QUICK["labels"]
+
+
+def test_a_typed_flag_wins_over_quick(tiny_run, tmp_path):
+    out = run_quick(kl_sweep, tiny_run, tmp_path, "--kl-coefs", "0.3", "--eval-prompts", "4")
+    assert [r["name"] for r in out["final"]] == ["SFT", "kl_coef 0.3"] and out["eval_prompts"] == 4
+
+
+def test_a_folder_that_is_not_one_finished_run_is_refused(tiny_run, tmp_path):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in os.listdir(tiny_run[0]):
+        (mixed / name).write_bytes((tiny_run[0] / name).read_bytes())
+    (mixed / "sft.npz").write_bytes((mixed / "policy.npz").read_bytes())  # another file in sft.npz's place
+    with pytest.raises(ValueError, match="sft.npz changed since its run wrote it.*--force"):
+        runs.load_run(mixed)
+    with pytest.raises(SystemExit) as e:
+        _common.main_guard(lambda: kl_sweep.main(["--quick", "--run", str(mixed)]))
+    assert e.value.code == 2
+
+
+def test_an_empty_folder_gets_its_demo_run_first(tiny_run, tmp_path, monkeypatch, capsys):
+    """With no run in --run, the script runs the demo there first (here a stand-in that copies the tiny run)
+    and says so."""
+    made = []
+
+    def demo_main(flags):
+        made.append(flags)
+        os.makedirs(flags[1])
+        for name in os.listdir(tiny_run[0]):
+            (tmp_path / "new" / name).write_bytes((tiny_run[0] / name).read_bytes())
+    monkeypatch.setattr(_common.demo, "main", demo_main)
+    args = _common.parse(_common.parser("", "x"), ["--quick", "--run", str(tmp_path / "new"), "--seed", "3"])
+    start = _common.starting_point(args)
+    assert made == [["--out", str(tmp_path / "new"), "--seed", "3", "--quick"]]
+    assert "making one first" in capsys.readouterr().out and start["sft"].params
+
+
+@pytest.mark.parametrize("module, argv", [(kl_sweep, ["--kl-coefs", "-0.1"]), (length_bias, ["--labels", "0"]),
+                                          (labelling_cost, ["--labels", "0"]), (explain_ranking, ["--k", "1"]),
+                                          (dpo_puzzle, ["--beta", "0"]), (dpo_puzzle, ["--steps", "0"]),
+                                          (kl_sweep, ["--batch-size", "0"]), (frontier, ["--dpo-betas", "nan"]),
+                                          (reward_benchmark, ["--quick", "--full"]), (kl_sweep, ["--json", ""])])
 def test_bad_flags_give_usage_errors(module, argv, capsys):
     with pytest.raises(SystemExit) as e:
         module.main(argv)

@@ -1,9 +1,10 @@
-"""Every speed trick agrees with the plain computation it replaces: the faster forms in layers.py, and
-fast.py's batch split over threads, which must also be deterministic and leave no thread behind.
+"""Every speed trick agrees with the plain computation it replaces: fast.py's forms of the ops against
+layers.py's, and the batch split over threads, which must also be deterministic and leave no thread behind.
 No test times anything; `python -m minirlhf.bench` shows the speed."""
 import os
 import platform
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -14,16 +15,15 @@ import pytest
 from minirlhf import fast
 from minirlhf import layers as L
 from minirlhf import transformer as tf
-from minirlhf.testing import numerical_gradient, rel_error
+from minirlhf.kit.gradcheck import MODEL_TOL, gradient_errors
+from minirlhf.kit.inputs import tiny_model
 
-TINY = tf.Config(vocab_size=11, n_ctx=8, n_layer=2, n_head=2, n_embd=8)
+TINY = tf.GPTConfig(vocab_size=11, n_ctx=8, n_layer=2, n_head=2, n_embd=8)
 
 
 def tiny_params(dtype=np.float64, seed=0):
     """Larger-than-GPT-2 init so every path carries signal."""
-    rng = np.random.default_rng(seed)
-    params = tf.init_params(TINY, rng, dtype)
-    return {k: (v + 0.3 * rng.standard_normal(v.shape)).astype(dtype) for k, v in params.items()}
+    return {k: v.astype(dtype) for k, v in tiny_model(TINY, seed).items()}
 
 
 def a_batch(B, T, seed=1):
@@ -36,50 +36,52 @@ def a_batch(B, T, seed=1):
     return tokens, mask
 
 
-def plain_softmax(s):
-    e = np.exp(s - s.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+# ---------------------------------------------------------------- fast.py's forms of each op
+
+def test_fast_ops_cover_every_op_the_transformer_calls():
+    """transformer.py calls the ops through its argument L: fast.OPS must offer each, and every entry that
+    differs from layers.py's must be fast.py's own."""
+    import inspect
+    source = inspect.getsource(tf)
+    used = {name for name in dir(L) if f"L.{name}(" in source}
+    assert used and used <= set(vars(fast.OPS))
+    for name, fn in vars(fast.OPS).items():
+        assert fn is getattr(L, name) or fn is getattr(fast, name), name
 
 
-# ---------------------------------------------------------------- layers.py: the faster forms of each op
-
-def test_row_sum_is_the_sum_over_an_axis():
+def test_row_sum_is_the_sum_over_the_last_axis():
     a = np.random.default_rng(0).standard_normal((3, 4, 5, 6))
-    np.testing.assert_allclose(L.row_sum(a), a.sum(axis=-1, keepdims=True), rtol=1e-13)
-    np.testing.assert_array_equal(L.row_sum(a, axis=1), a.sum(axis=1, keepdims=True))
-    assert L.row_sum(a.astype(np.float32)).dtype == np.float32
+    np.testing.assert_allclose(fast.row_sum(a), a.sum(axis=-1, keepdims=True), rtol=1e-13)
+    assert fast.row_sum(a.astype(np.float32)).dtype == np.float32
 
 
 def test_linear_matches_the_plain_formula():
     rng = np.random.default_rng(0)
     x, W, b, dout = (rng.standard_normal(s) for s in ((3, 5, 4), (4, 6), (6,), (3, 5, 6)))
-    out, cache = L.linear_forward(x, W, b)
-    np.testing.assert_allclose(out, x @ W + b, rtol=1e-13)
-    dx, dW, db = L.linear_backward(dout, cache)
-    np.testing.assert_allclose(dx, dout @ W.T, rtol=1e-13)
-    np.testing.assert_allclose(dW, np.einsum("btc,btd->cd", x, dout), rtol=1e-12)
-    np.testing.assert_allclose(db, dout.sum(axis=(0, 1)), rtol=1e-13)
+    out, cache = fast.linear_forward(x, W, b)
+    np.testing.assert_allclose(out, L.linear_forward(x, W, b)[0], rtol=1e-13)
+    for got, plain in zip(fast.linear_backward(dout, cache), L.linear_backward(dout, L.linear_forward(x, W, b)[1])):
+        np.testing.assert_allclose(got, plain, rtol=1e-12)
 
 
 def test_layernorm_matches_the_plain_formula():
     rng = np.random.default_rng(0)
     x, g, b, dout = (rng.standard_normal(s) for s in ((3, 5, 8), (8,), (8,), (3, 5, 8)))
-    rstd = 1 / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
-    xhat = (x - x.mean(-1, keepdims=True)) * rstd
-    out, cache = L.layernorm_forward(x, g, b)
-    np.testing.assert_allclose(out, xhat * g + b, rtol=1e-12, atol=1e-12)
-    dxhat = dout * g
-    plain_dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True))
-    np.testing.assert_allclose(L.layernorm_backward(dout, cache)[0], plain_dx, rtol=1e-10, atol=1e-12)
+    out, cache = fast.layernorm_forward(x, g, b)
+    plain_out, plain_cache = L.layernorm_forward(x, g, b)
+    np.testing.assert_allclose(out, plain_out, rtol=1e-12, atol=1e-12)
+    for got, plain in zip(fast.layernorm_backward(dout, cache), L.layernorm_backward(dout, plain_cache)):
+        np.testing.assert_allclose(got, plain, rtol=1e-10, atol=1e-12)
 
 
 def test_gelu_matches_the_textbook_formulas():
     x = np.linspace(-6, 6, 241)
-    t = np.tanh(L.GELU_K * (x + 0.044715 * x ** 3))
-    out, cache = L.gelu_forward(x)
-    np.testing.assert_allclose(out, 0.5 * x * (1 + t), rtol=1e-13, atol=1e-15)
-    textbook = 0.5 * (1 + t) + 0.5 * x * (1 - t ** 2) * L.GELU_K * (1 + 3 * 0.044715 * x ** 2)
-    np.testing.assert_allclose(L.gelu_backward(np.ones_like(x), cache), textbook, rtol=1e-12, atol=1e-15)
+    out, cache = fast.gelu_forward(x)
+    plain_out, plain_cache = L.gelu_forward(x)
+    np.testing.assert_allclose(out, plain_out, rtol=1e-13, atol=1e-15)
+    dout = np.cos(x)
+    np.testing.assert_allclose(fast.gelu_backward(dout, cache), L.gelu_backward(dout, plain_cache), rtol=1e-12,
+                               atol=1e-15)
     assert cache[0] is x  # the forward must not have overwritten its input in place
     np.testing.assert_array_equal(x, np.linspace(-6, 6, 241))
 
@@ -90,9 +92,9 @@ def test_softmax_shifted_by_own_score_is_the_softmax(dtype):
     s = (3 * rng.standard_normal((2, 3, 6, 6))).astype(dtype)
     s = np.where(np.tril(np.ones((6, 6), bool)), s, -np.inf).astype(dtype)
     tol = 1e-13 if dtype == np.float64 else 1e-6
-    np.testing.assert_allclose(L.softmax_shifted_by_own_score(s), plain_softmax(s), rtol=tol, atol=tol)
+    np.testing.assert_allclose(fast.softmax_shifted_by_own_score(s), L.softmax(s), rtol=tol, atol=tol)
     # decoding: 2 new queries at key slots 4 and 5 of 6
-    np.testing.assert_allclose(L.softmax_shifted_by_own_score(s[..., 4:, :]), plain_softmax(s[..., 4:, :]),
+    np.testing.assert_allclose(fast.softmax_shifted_by_own_score(s[..., 4:, :]), L.softmax(s[..., 4:, :]),
                                rtol=tol, atol=tol)
 
 
@@ -100,11 +102,11 @@ def test_softmax_shifted_by_own_score_is_the_softmax(dtype):
 def test_softmax_shifted_by_own_score_falls_back_to_the_max(dtype):
     s = np.zeros((1, 3, 3), dtype)
     s[0, 2, 0] = 800.0  # exp(800 - 0) overflows in either dtype: the row max must take over
-    p = L.softmax_shifted_by_own_score(s)
+    p = fast.softmax_shifted_by_own_score(s)
     assert np.all(np.isfinite(p))
-    np.testing.assert_allclose(p, plain_softmax(s), rtol=1e-6)
+    np.testing.assert_allclose(p, L.softmax(s), rtol=1e-6)
     s = np.array([[[0.0, -np.inf], [1.0, -np.inf]]], dtype)  # query 1 may not look at itself
-    np.testing.assert_allclose(L.softmax_shifted_by_own_score(s), plain_softmax(s))
+    np.testing.assert_allclose(fast.softmax_shifted_by_own_score(s), L.softmax(s))
 
 
 def test_softmax_shifted_by_own_score_row_sum_overflow_is_caught_silently():
@@ -115,29 +117,24 @@ def test_softmax_shifted_by_own_score_row_sum_overflow_is_caught_silently():
     assert np.isfinite(np.exp(s[0, 3, :3])).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        p = L.softmax_shifted_by_own_score(s)
-    np.testing.assert_allclose(p, plain_softmax(s), rtol=1e-6)
+        p = fast.softmax_shifted_by_own_score(s)
+    np.testing.assert_allclose(p, L.softmax(s), rtol=1e-6)
 
 
 def test_attention_matches_the_plain_formulas():
-    """Additive -inf bias, pre-scaled q, contiguous k^T and gradients written into one buffer, against
-    np.where, the row max and np.stack."""
+    """Additive -inf bias, pre-scaled q, contiguous k^T, the own-score softmax and gradients written into one
+    buffer (fast.py), against layers.py's np.where, row max and np.stack, with padding."""
     rng = np.random.default_rng(0)
     B, T, H, D = 2, 5, 2, 3
     qkv, dout = rng.standard_normal((B, T, 3 * H * D)), rng.standard_normal((B, T, H * D))
     key_mask = np.ones((B, T), np.int64)
     key_mask[1, :2] = 0
     allowed = L.attention_mask(key_mask)
-    q, k, v = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)
-    p = plain_softmax(np.where(allowed, q @ k.swapaxes(-1, -2) / np.sqrt(D), -np.inf))
-    out, cache = L.attention_forward(qkv, H, allowed)
-    np.testing.assert_allclose(out, (p @ v).transpose(0, 2, 1, 3).reshape(B, T, H * D), rtol=1e-12)
-    do = dout.reshape(B, T, H, D).transpose(0, 2, 1, 3)
-    dp = do @ v.swapaxes(-1, -2)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-    plain = np.stack([ds @ k / np.sqrt(D), ds.swapaxes(-1, -2) @ q / np.sqrt(D), p.swapaxes(-1, -2) @ do], 2)
-    plain = plain.transpose(0, 3, 2, 1, 4).reshape(B, T, 3 * H * D)
-    np.testing.assert_allclose(L.attention_backward(dout, cache), plain, rtol=1e-11, atol=1e-13)
+    out, cache = fast.attention_forward(qkv, H, allowed)
+    plain_out, plain_cache = L.attention_forward(qkv, H, allowed)
+    np.testing.assert_allclose(out, plain_out, rtol=1e-12)
+    np.testing.assert_allclose(fast.attention_backward(dout, cache), L.attention_backward(dout, plain_cache),
+                               rtol=1e-11, atol=1e-13)
 
 
 # ---------------------------------------------------------------- fast.py: two halves on two threads
@@ -162,15 +159,14 @@ def test_split_batch_agrees_with_the_whole_batch(split_small_batches, dtype, hea
     tokens, mask = a_batch(5, 7)
     if head == "trunk":
         public_fwd, public_bwd, plain_fwd, plain_bwd = (tf.hidden_forward, tf.hidden_backward,
-                                                        tf._trunk_forward, tf._trunk_backward)
+                                                        tf.trunk_forward, tf.trunk_backward)
     else:
-        public_fwd, public_bwd, plain_fwd, plain_bwd = (tf.forward, tf.backward,
-                                                        tf._lm_forward, tf._lm_backward)
+        public_fwd, public_bwd, plain_fwd, plain_bwd = (tf.forward, tf.backward, tf.lm_forward, tf.lm_backward)
     out, cache = public_fwd(params, TINY, tokens, mask)
     assert len(cache) == 2  # really split
     dout = np.random.default_rng(2).standard_normal(out.shape).astype(dtype)
     grads = public_bwd(dout, cache)
-    out_plain, c_plain = plain_fwd(params, TINY, tokens, mask)  # the readable path on the whole batch
+    out_plain, c_plain = plain_fwd(params, TINY, tokens, mask)  # the readable path (layers.py), whole batch
     grads_plain = plain_bwd(dout, c_plain)
     tol = 1e-12 if dtype == np.float64 else 1e-5
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads.values())
@@ -207,8 +203,24 @@ def test_split_gradient_matches_finite_differences(split_small_batches):
     logits, cache = tf.forward(params, TINY, tokens, mask)
     _, ce_cache = L.cross_entropy_forward(logits, targets, mask)
     grads = tf.backward(L.cross_entropy_backward(1.0, ce_cache), cache)
-    for name in ("wte", "wpe", "h0.attn.w_qkv", "h1.mlp.w_fc", "ln_f.g"):
-        assert rel_error(grads[name], numerical_gradient(loss, params[name])) < 1e-5, name
+    names = ("wte", "wpe", "h0.attn.w_qkv", "h1.mlp.w_fc", "ln_f.g")
+    errors = gradient_errors(loss, {n: params[n] for n in names}, grads)
+    assert all(errors[n] < MODEL_TOL for n in names), errors
+
+
+def test_the_switch_off_runs_the_plain_math_exactly(monkeypatch):
+    """fast.ENABLED = False: the entry points are the plain functions of transformer.py on layers.py, to the
+    bit, and generation decodes with layers.py too."""
+    params = tiny_params(np.float32)
+    tokens, mask = a_batch(6, 8)
+    monkeypatch.setattr(fast, "ENABLED", False)
+    logits, cache = tf.forward(params, TINY, tokens, mask)
+    plain, plain_cache = tf.lm_forward(params, TINY, tokens, mask)
+    np.testing.assert_array_equal(logits, plain)
+    grads, plain_grads = tf.backward(np.sin(logits), cache), tf.lm_backward(np.sin(plain), plain_cache)
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], plain_grads[name], err_msg=name)
+    assert fast.decode_ops() is L
 
 
 def test_run_parts_finishes_every_part_before_returning_or_raising(monkeypatch):
@@ -246,7 +258,26 @@ def test_a_forked_child_starts_its_own_worker(monkeypatch):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def test_freed_memory_is_kept_under_glibc_and_asking_again_is_harmless():
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        assert fast.MEMORY_KEPT
-    assert fast.keep_freed_memory() == fast.MEMORY_KEPT
+def test_freed_memory_is_kept_only_when_an_entry_point_asks():
+    """Importing minirlhf leaves the allocator alone; keep_freed_memory (which the demo, the benchmark and
+    the scripts call) applies under glibc, and asking again is harmless."""
+    code = "import minirlhf.demo, minirlhf.fast as f; print(f.MEMORY_KEPT, f.keep_freed_memory(), f.MEMORY_KEPT)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.split()
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert out == ["False", str(glibc), str(glibc)]
+
+
+def test_numbers_do_not_depend_on_importing_numpy_first():
+    """BLAS is set to one thread at run time (threadpoolctl), so a script that imports NumPy before minirlhf
+    gets the same threads and the same bits."""
+    code = ("{first}; import numpy as np; from minirlhf import fast, transformer as tf; "
+            "from minirlhf.pipeline import DEMO_MODEL; p = tf.init_params(DEMO_MODEL, np.random.default_rng(0)); "
+            "t = np.random.default_rng(1).integers(3, 46, (32, 64)); "
+            "import hashlib; print(fast.BLAS_THREADS, fast.PARALLEL, "
+            "hashlib.sha256(tf.forward(p, DEMO_MODEL, t)[0].tobytes()).hexdigest())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                            "GOTO_NUM_THREADS", "MKL_NUM_THREADS")}
+    runs = [subprocess.run([sys.executable, "-c", code.format(first=first)], capture_output=True, text=True,
+                           timeout=120, env=env) for first in ("import numpy", "import minirlhf")]
+    assert runs[0].returncode == 0 and runs[1].returncode == 0, runs[0].stderr + runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("1 ")

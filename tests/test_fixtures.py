@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from minirlhf import fixtures as F
+from minirlhf.kit import fixtures as F
+from minirlhf.kit.registry import reference
 
-COMMITTED = os.path.join(os.path.dirname(__file__), "fixtures")
+COMMITTED = F.GOLDEN
 
 
 def arrays(path):
@@ -28,8 +29,7 @@ def test_regenerated_fixtures_match_the_committed_ones(regenerated):
         committed = json.load(f)
     assert json.loads(json.dumps(index)) == {**committed, "fixtures": {
         k: v for k, v in committed["fixtures"].items() if k in index["fixtures"]}}
-    missing = set(committed["fixtures"]) - set(index["fixtures"])
-    assert missing <= {"dpo_loss"}, missing  # only a module still being written may be absent
+    assert set(committed["fixtures"]) == set(index["fixtures"])
     for name, entry in index["fixtures"].items():
         new, old = arrays(os.path.join(out, entry["file"])), arrays(os.path.join(COMMITTED, entry["file"]))
         assert new.keys() == old.keys(), name
@@ -61,9 +61,9 @@ def test_committed_set_is_small_and_names_its_conventions():
     assert used == set(index["conventions"])  # every convention is pinned by some fixture
 
 
-@pytest.mark.parametrize("name", sorted(set(F.REFERENCE()) & set(F.FIXTURES)))
+@pytest.mark.parametrize("name", sorted(F.FIXTURES))
 def test_minirlhf_matches_the_committed_fixtures_through_compare(name):
-    forward, vjp = F.REFERENCE()[name]
+    forward, vjp = reference(name)
     errors = F.compare(os.path.join(COMMITTED, f"{name}.npz"), forward, vjp)
     assert "out" in errors or any(k.startswith("out.") for k in errors)
     assert (vjp is None) == (not any(k.startswith("grad.") for k in errors))
@@ -71,11 +71,11 @@ def test_minirlhf_matches_the_committed_fixtures_through_compare(name):
 
 
 def test_compare_fails_on_a_wrong_port():
-    forward, vjp = F.REFERENCE()["whiten"]
+    forward, vjp = reference("whiten")
     unbiased = lambda x, mask: np.where(mask > 0, (x - x[mask > 0].mean()) / x[mask > 0].std(ddof=1), 0)  # noqa
     with pytest.raises(AssertionError, match="whiten.npz out"):
         F.compare(os.path.join(COMMITTED, "whiten.npz"), unbiased)
-    forward, vjp = F.REFERENCE()["policy_loss"]
+    forward, vjp = reference("policy_loss")
     halved = lambda dout, **kw: {"logp": vjp(dout, **kw)["logp"] / 2}  # noqa: E731
     with pytest.raises(AssertionError, match="grad.logp"):
         F.compare(os.path.join(COMMITTED, "policy_loss.npz"), forward, halved)

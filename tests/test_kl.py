@@ -1,4 +1,4 @@
-"""Tests of minirlhf.kl: the three estimators, the exact KL, the beta controllers and the token rewards."""
+"""Tests of minirlhf.kl: the three estimators, the exact KL, the KL coefficient's controller and the token rewards."""
 import dataclasses
 
 import numpy as np
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from minirlhf.kl import KLControllerConfig, exact_kl, kl_estimators, token_rewards, update_beta
+from minirlhf.kl import KLControllerConfig, exact_kl, kl_estimators, token_rewards, update_kl_coef
 
 
 @st.composite
@@ -179,26 +179,26 @@ def test_exact_kl_along_the_path_has_the_sequence_kl_as_expectation():
 # ---- controllers ---------------------------------------------------------------------------------------
 
 def test_fixed_controller_keeps_beta():
-    config = KLControllerConfig(beta=0.05)
-    assert update_beta(0.05, kl=100.0, n_steps=64, config=config) == 0.05
-    assert update_beta(0.05, kl=-3.0, n_steps=64, config=config) == 0.05
+    config = KLControllerConfig(kl_coef=0.05)
+    assert update_kl_coef(0.05, kl=100.0, n_steps=64, config=config) == 0.05
+    assert update_kl_coef(0.05, kl=-3.0, n_steps=64, config=config) == 0.05
 
 
 def test_adaptive_controller_known_values():
-    config = KLControllerConfig(beta=0.1, adaptive=True, target=6.0, horizon=10000)
+    config = KLControllerConfig(kl_coef=0.1, adaptive=True, target=6.0, horizon=10000)
     # e = clip(7.2 / 6 - 1) = 0.2 (at the clip); e = 0.1; e = clip(-1) = -0.2.
-    assert update_beta(0.1, 7.2, 64, config) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000), rel=1e-14)
-    assert update_beta(0.1, 6.6, 64, config) == pytest.approx(0.1 * (1 + 0.1 * 64 / 10000), rel=1e-14)
-    assert update_beta(0.1, 0.0, 64, config) == pytest.approx(0.1 * (1 - 0.2 * 64 / 10000), rel=1e-14)
-    assert update_beta(0.1, 60.0, 64, config) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000), rel=1e-14)
-    assert update_beta(0.1, 6.0, 64, config) == 0.1
+    assert update_kl_coef(0.1, 7.2, 64, config) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000), rel=1e-14)
+    assert update_kl_coef(0.1, 6.6, 64, config) == pytest.approx(0.1 * (1 + 0.1 * 64 / 10000), rel=1e-14)
+    assert update_kl_coef(0.1, 0.0, 64, config) == pytest.approx(0.1 * (1 - 0.2 * 64 / 10000), rel=1e-14)
+    assert update_kl_coef(0.1, 60.0, 64, config) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000), rel=1e-14)
+    assert update_kl_coef(0.1, 6.0, 64, config) == 0.1
 
 
 @given(beta=st.floats(1e-4, 10), kl=st.floats(-50, 50), target=st.floats(0.1, 20),
        n_steps=st.integers(1, 512), horizon=st.integers(1000, 20000))
 def test_adaptive_controller_moves_toward_target_by_bounded_steps(beta, kl, target, n_steps, horizon):
-    config = KLControllerConfig(beta=beta, adaptive=True, target=target, horizon=horizon)
-    new = update_beta(beta, kl, n_steps, config)
+    config = KLControllerConfig(kl_coef=beta, adaptive=True, target=target, horizon=horizon)
+    new = update_kl_coef(beta, kl, n_steps, config)
     if kl > target:
         assert new > beta
     elif kl < target:
@@ -213,7 +213,7 @@ def test_adaptive_controller_moves_toward_target_by_bounded_steps(beta, kl, targ
 @pytest.mark.parametrize("kwargs, match", [
     (dict(target=0.0), "target"), (dict(target=-1.0), "target"), (dict(target=np.nan), "target"),
     (dict(horizon=0), "horizon"), (dict(horizon=-5), "horizon"),
-    (dict(beta=-0.1), "beta"), (dict(beta=np.inf), "beta"),
+    (dict(kl_coef=-0.1), "kl_coef"), (dict(kl_coef=np.inf), "kl_coef"),
 ])
 def test_controller_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -223,17 +223,17 @@ def test_controller_bad_config_raises(kwargs, match):
 def test_controller_bad_update_raises():
     config = KLControllerConfig(adaptive=True, target=6.0, horizon=100)
     with pytest.raises(ValueError, match="KL"):
-        update_beta(0.1, np.nan, 8, config)
+        update_kl_coef(0.1, np.nan, 8, config)
     with pytest.raises(ValueError, match="KL"):
-        update_beta(0.1, np.inf, 8, config)
-    with pytest.raises(ValueError, match="beta"):
-        update_beta(-0.1, 1.0, 8, config)
+        update_kl_coef(0.1, np.inf, 8, config)
+    with pytest.raises(ValueError, match="kl_coef"):
+        update_kl_coef(-0.1, 1.0, 8, config)
     with pytest.raises(ValueError, match="n_steps"):
-        update_beta(0.1, 1.0, 0, config)
+        update_kl_coef(0.1, 1.0, 0, config)
     with pytest.raises(ValueError, match="horizon"):
-        update_beta(0.1, 1.0, 500, config)  # 1 - 0.2 * 500 / 100 < 0 would flip beta's sign
+        update_kl_coef(0.1, 1.0, 500, config)  # 1 - 0.2 * 500 / 100 < 0 would flip beta's sign
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.beta = 1.0
+        config.kl_coef = 1.0
 
 
 # ---- token rewards -------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_score_lands_on_eos():
     logp = np.full((3, 4), -1.0)
     mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
     scores = np.array([0.5, -1.0, 2.0])
-    rewards, non_score = token_rewards(scores, logp, logp, mask, beta=0.1)  # identical: k1 = 0
+    rewards, non_score = token_rewards(scores, logp, logp, mask, kl_coef=0.1)  # identical: k1 = 0
     expected = np.zeros((3, 4))
     expected[0, 2], expected[1, 0], expected[2, 3] = 0.5, -1.0, 2.0
     np.testing.assert_array_equal(rewards, expected)
@@ -280,7 +280,7 @@ def test_token_rewards_bad_input():
         token_rewards(np.zeros(3), logp, logp, mask, 0.1)
     with pytest.raises(ValueError, match="scores"):
         token_rewards(np.array([0.0, np.nan]), logp, logp, mask, 0.1)
-    with pytest.raises(ValueError, match="beta"):
+    with pytest.raises(ValueError, match="kl_coef"):
         token_rewards(np.zeros(2), logp, logp, mask, -0.1)
     bad = logp.copy()
     bad[1, 0] = np.nan

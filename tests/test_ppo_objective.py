@@ -7,7 +7,7 @@ from hypothesis.extra import numpy as hnp
 
 from minirlhf.ppo_objective import (explained_variance, gae, masked_mean, masked_var, policy_loss_backward,
                                     policy_loss_forward, value_loss_backward, value_loss_forward, whiten)
-from minirlhf.testing import check_gradients
+from minirlhf.kit.gradcheck import gradient_errors
 
 EPS = 0.2  # clip_eps of both losses in these tests
 
@@ -170,7 +170,7 @@ def test_policy_loss_gradient_matches_finite_differences():
     assert 0 < clipfrac < 1  # both branches are exercised
     dlogp = policy_loss_backward(dloss, cache)
     f = lambda: dloss * policy_loss_forward(logp, logp_old, advantages, mask, EPS)[0]
-    errors = check_gradients(f, {"logp": logp}, {"logp": dlogp})
+    errors = gradient_errors(f, {"logp": logp}, {"logp": dlogp})
     assert errors["logp"] < 1e-7
 
 
@@ -288,7 +288,7 @@ def test_value_loss_gradient_matches_finite_differences():
     assert 0 < cache["stats"]["val/clipfrac"] < 1  # both branches are exercised
     dvalues = value_loss_backward(dloss, cache)
     f = lambda: dloss * value_loss_forward(values, values_old, returns, mask, EPS, vf_coef=0.1)[0]
-    errors = check_gradients(f, {"values": values}, {"values": dvalues})
+    errors = gradient_errors(f, {"values": values}, {"values": dvalues})
     assert errors["values"] < 1e-7
 
 

@@ -6,11 +6,12 @@ from hypothesis.extra.numpy import arrays
 
 from minirlhf import reward as R
 from minirlhf import transformer as tf
-from minirlhf.testing import check_gradients, model_gradient_errors, numerical_gradient, rel_error
-from minirlhf.tokenizer import VOCAB_SIZE
 from minirlhf.annotator import Comparison
+from minirlhf.kit.gradcheck import MODEL_TOL, OP_TOL, gradient_errors, key_bias_zero
+from minirlhf.kit.inputs import tiny_model
+from minirlhf.tokenizer import VOCAB_SIZE
 
-TINY = tf.Config(vocab_size=VOCAB_SIZE, n_ctx=16, n_layer=2, n_head=2, n_embd=8)
+TINY = tf.GPTConfig(vocab_size=VOCAB_SIZE, n_ctx=16, n_layer=2, n_head=2, n_embd=4)
 
 
 def test_bt_loss_gradient():
@@ -19,8 +20,8 @@ def test_bt_loss_gradient():
     for margin, center in [(0.0, 0.0), (0.5, 0.3)]:
         f = lambda: 0.7 * R.bt_loss_forward(rc, rr, margin, center)[0]
         dc, dr = R.bt_loss_backward(0.7, R.bt_loss_forward(rc, rr, margin, center)[1])
-        for name, err in check_gradients(f, {"c": rc, "r": rr}, {"c": dc, "r": dr}).items():
-            assert err < 1e-7, (name, margin, center, err)
+        for name, err in gradient_errors(f, {"c": rc, "r": rr}, {"c": dc, "r": dr}).items():
+            assert err < OP_TOL, (name, margin, center, err)
 
 
 def test_ranking_loss_gradient_with_invalid_items():
@@ -32,7 +33,7 @@ def test_ranking_loss_gradient_with_invalid_items():
     for margin, center in [(0.0, 0.0), (0.3, 0.2)]:
         f = lambda: 1.3 * R.ranking_loss_forward(rewards, valid, margin, center)[0]
         d = R.ranking_loss_backward(1.3, R.ranking_loss_forward(rewards, valid, margin, center)[1])
-        assert rel_error(d, numerical_gradient(f, rewards)) < 1e-7
+        assert gradient_errors(f, {"rewards": rewards}, {"rewards": d})["rewards"] < OP_TOL
         assert np.all(d[~valid] == 0)
     garbage = rewards.copy()
     garbage[~valid] = np.nan  # what sits in an unscored slot never reaches the loss
@@ -84,13 +85,13 @@ def test_kway_with_k2_equals_pairwise(r, margin, center):
 
 
 def tiny_reward_params(seed=0):
-    rng = np.random.default_rng(seed)
-    trunk = tf.init_params(TINY, rng, np.float64)
-    for k in trunk:
-        trunk[k] = trunk[k] + 0.3 * rng.standard_normal(trunk[k].shape)
-    params = R.init_reward_params(trunk, TINY, rng)
+    params = R.init_reward_params(tiny_model(TINY, seed), TINY, np.random.default_rng(seed + 1))
     params["head.b"] = np.asarray(0.2)
     return params
+
+
+def tiny_reward_model(seed=0):
+    return R.RewardModel(tiny_reward_params(seed), TINY)
 
 
 def test_whole_reward_model_gradient_every_parameter():
@@ -101,9 +102,11 @@ def test_whole_reward_model_gradient_every_parameter():
     comps.append(Comparison("yo", ("hi", "bye"), (True, True), (0, 1)))
     cfg = R.RewardConfig(margin=0.1, center_coef=0.05)
     loss, grads = R.loss_and_grads(params, TINY, comps, cfg)
-    f = lambda: R.loss_and_grads(params, TINY, comps, cfg)[0]
-    for name, err in model_gradient_errors(f, params, grads, TINY.n_embd).items():
-        assert err < 1e-5, f"{name}: relative error {err:.2e}"
+    f = lambda: R.batch_loss(params, TINY, comps, cfg)[0]
+    errors = gradient_errors(f, {"params": params}, {"params": grads}, zero=key_bias_zero(TINY))
+    assert set(errors) == set(params)
+    for name, err in errors.items():
+        assert err < MODEL_TOL, f"{name}: relative error {err:.2e}"
 
 
 @given(st.lists(st.floats(-3, 3), min_size=3, max_size=20))
@@ -119,9 +122,15 @@ def test_normalisation_gives_mean_0_std_1(values):
 def test_fit_normalisation_on_model_scores():
     params = tiny_reward_params()
     prompts, responses = ["hi", "yo", "3+4?", "hi"], ["hey", "go", "7", "hello there"]
-    gain, bias = R.fit_normalisation(params, TINY, prompts, responses)
-    z = R.score(params, TINY, prompts, responses, norm=(gain, bias))
+    rm = R.fit_normalisation(params, TINY, prompts, responses)
+    assert rm.params is params and rm.gain > 0
+    z = R.score(rm, prompts, responses)
     assert abs(z.mean()) < 1e-9 and abs(z.std() - 1) < 1e-9
+    raw = R.score(R.RewardModel(params, TINY), prompts, responses)
+    np.testing.assert_allclose(z, rm.gain * raw + rm.bias, rtol=0, atol=1e-15)
+    samples = [(r, e) for r, e in zip(responses, (True, False, True, True))]
+    expected = np.where([e for _, e in samples], z, R.NO_EOS_SCORE)
+    np.testing.assert_allclose(R.score_samples(rm, prompts, samples), expected, rtol=0, atol=1e-15)
 
 
 def test_bad_input():
@@ -155,16 +164,16 @@ def test_expected_agreement_is_bounded_by_the_ceiling_and_complementary(ra, rb, 
 
 
 def test_evaluate_counts_agreement_pair_by_pair():
-    params = tiny_reward_params(seed=4)
+    rm = tiny_reward_model(seed=4)
     from minirlhf.annotator import AnnotatorConfig, ceiling_accuracy, prefer_probability, scored_pairs
     ann = AnnotatorConfig(temperature=0.5)
     comps = [Comparison("hi!", ("hello!", "ugh. hi.", "um, hi."), (True, True, True),
                         (0, 2, 1)),
              Comparison("4+1?", ("5.", "it is 6.", "6."), (True, False, True), (0, 2, 1))]
-    ev = R.evaluate(params, TINY, comps, ann)
+    ev = R.evaluate(rm, comps, ann)
     agree, expected = [], []
     for c in comps:
-        r = R.score(params, TINY, [c.prompt] * len(c.responses), list(c.responses))
+        r = R.score(rm, [c.prompt] * len(c.responses), list(c.responses))
         agree += [float(r[w] > r[l]) for w, l in scored_pairs(c)]
         for w, l in scored_pairs(c):  # P(annotator agrees with the model's order), from its exact probability
             p_w = prefer_probability(c.prompt, c.responses[w], c.responses[l], ann)
@@ -196,26 +205,26 @@ def test_the_full_length_demo_sized_reward_model_reaches_90_percent_of_the_ceili
     Measured on seed 0, the demo's: 95.0% of the ceiling, sums 0.99. With demos/reward_benchmark.py --full
     over seeds 0-4 the first bar held on all five (90.3-95.0%), the second on four (seed 2: 0.69). The
     demo's own one-minute recipe gives 82-90% over seeds 0-4, with sums at 0.45-0.67 (README)."""
-    from minirlhf import demo
+    from minirlhf import pipeline as P
     rng = np.random.Generator(np.random.PCG64())
     rng.bit_generator.state = demo_run_start["rng_state"]
     policy, train, val = demo_run_start["policy"], demo_run_start["train"], demo_run_start["val"]
-    full = demo.FULL_REWARD_MODEL
-    train_cmp, val_cmp = demo.preference_data(policy, train, val, full["labels"], rng)
-    reward_model, _, _ = demo.run_reward_model(policy, train, train_cmp, val_cmp, full["rm_steps"], rng,
-                                               log=lambda s: None, full=True)
-    ev = R.evaluate(reward_model, demo.MODEL, val_cmp, demo.ANNOTATOR)
+    full = P.FULL_REWARD_MODEL
+    train_cmp, val_cmp = P.preference_data(policy, train, val, full["labels"], rng)
+    reward_model, _ = P.run_reward_model(policy, train, train_cmp, val_cmp, full["rm_steps"], rng,
+                                         log=lambda s: None, full=True)
+    ev = R.evaluate(reward_model, val_cmp, P.ANNOTATOR)
     assert ev["expected_accuracy"] >= 0.9 * ev["ceiling"], ev
-    rate, n = R.sums_checked(reward_model, demo.MODEL, val_cmp)
+    rate, n = R.sums_checked(reward_model, val_cmp)
     assert n >= 50 and rate >= 0.9, (rate, n)
 
 
 def test_sums_checked_counts_right_against_wrong_pairs_only():
-    params = tiny_reward_params(seed=5)
+    rm = tiny_reward_model(seed=5)
     comps = [Comparison("4+1?", ("5.", "it is 6.", "is 5!", "6."), (True,) * 4, (0, 2, 1, 3)),
              Comparison("hi!", ("hello!", "ugh."), (True, True), (0, 1))]
-    rate, n = R.sums_checked(params, TINY, comps)
-    r = R.score(params, TINY, ["4+1?"] * 4, list(comps[0].responses))
+    rate, n = R.sums_checked(rm, comps)
+    r = R.score(rm, ["4+1?"] * 4, list(comps[0].responses))
     right_first = [r[i] > r[j] for i in (0, 2) for j in (1, 3)]  # "5." and "is 5!" are right
     assert n == 4 and rate == pytest.approx(np.mean(right_first))
-    assert R.sums_checked(params, TINY, comps[1:]) == (None, 0)
+    assert R.sums_checked(rm, comps[1:]) == (None, 0)

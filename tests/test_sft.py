@@ -8,7 +8,7 @@ from minirlhf.checkpoint import load_checkpoint
 from minirlhf.tokenizer import BOS, EOS, VOCAB_SIZE, decode, encode
 from minirlhf.world import all_prompts, sft_corpus, split_prompts
 
-SMALL = tf.Config(vocab_size=VOCAB_SIZE, n_ctx=64, n_layer=1, n_head=2, n_embd=32)
+SMALL = tf.GPTConfig(vocab_size=VOCAB_SIZE, n_ctx=64, n_layer=1, n_head=2, n_embd=32)
 
 
 def test_loss_mask_covers_the_response_and_eos_only():
@@ -50,8 +50,8 @@ def test_same_seed_same_training():
 
 
 def test_sample_responses_returns_text_and_ended():
-    params = tf.init_params(SMALL, np.random.default_rng(0))
-    out = sft.sample_responses(params, SMALL, ["hi!", "what is 1+2?"], np.random.default_rng(1), max_new_tokens=5)
+    policy = tf.Policy(tf.init_params(SMALL, np.random.default_rng(0)), SMALL, tf.Sampling(max_new_tokens=5))
+    out = tf.sample_responses(policy, ["hi!", "what is 1+2?"], np.random.default_rng(1))
     assert len(out) == 2 and all(isinstance(t, str) and isinstance(e, bool) for t, e in out)
     assert all(len(t) <= 5 for t, _ in out)
 
@@ -70,13 +70,12 @@ def test_bad_config_and_data():
 def test_the_demo_sft_model_behaves_well_only_part_of_the_time(demo_run_start):
     """The demo's SFT stage (default length): every family's preferred behaviour is neither rare nor the
     rule, so preferences and PPO have room to improve it."""
-    from minirlhf import demo
     from minirlhf.world import FAMILIES, behaviour_metrics, sample_prompts
     policy, history, val = demo_run_start["policy"], demo_run_start["history"], demo_run_start["val"]
     rng = np.random.default_rng(1)
     assert history[-1]["val_loss"] < 0.2
     texts = [p.text for p in sample_prompts(val, 400, rng)]
-    samples = sft.sample_responses(policy, demo.MODEL, texts, rng)
+    samples = tf.sample_responses(policy, texts, rng)
     metrics = behaviour_metrics(texts, [s for s, _ in samples], [e for _, e in samples])
     for family in FAMILIES:
         assert 0.15 <= metrics[family]["preferred_rate"] <= 0.85, (family, metrics[family])

@@ -43,3 +43,4 @@ def test_pad_batch_both_sides():
         pad_batch([[1]], side="middle")
     with pytest.raises(ValueError, match="outside the vocabulary"):
         decode([VOCAB_SIZE])
+

@@ -7,52 +7,52 @@ from hypothesis import given, strategies as st
 from minirlhf import layers as L
 from minirlhf import transformer as tf
 from minirlhf.optim import AdamWConfig, adamw_init, adamw_step
-from minirlhf.testing import model_gradient_errors, numerical_gradient, rel_error
+from minirlhf.kit.gradcheck import MODEL_TOL, gradient_errors, key_bias_zero
+from minirlhf.kit.inputs import tiny_model
 from minirlhf.tokenizer import BOS, EOS, VOCAB_SIZE, encode_example, pad_batch
 
-TINY = tf.Config(vocab_size=11, n_ctx=8, n_layer=2, n_head=2, n_embd=8)
+TINY = tf.GPTConfig(vocab_size=11, n_ctx=8, n_layer=2, n_head=2, n_embd=8)
+GRAD = tf.GPTConfig(vocab_size=7, n_ctx=6, n_layer=2, n_head=2, n_embd=4)  # small: a check of every entry
 
 
-def tiny_params(dtype=np.float64, seed=0, scale=0.3):
+def tiny_params(dtype=np.float64, seed=0, model_cfg=TINY):
     """Larger-than-GPT-2 init so every path carries signal in a gradient check."""
-    rng = np.random.default_rng(seed)
-    params = tf.init_params(TINY, rng, dtype)
-    for k in params:
-        params[k] = (params[k] + scale * rng.standard_normal(params[k].shape)).astype(dtype)
-    return params
+    return {k: v.astype(dtype) for k, v in tiny_model(model_cfg, seed).items()}
 
 
 def test_whole_model_gradient_every_parameter():
     rng = np.random.default_rng(1)
-    params = tiny_params()
-    tokens = rng.integers(0, TINY.vocab_size, (3, 5))
+    params = tiny_params(model_cfg=GRAD)
+    tokens = rng.integers(0, GRAD.vocab_size, (3, 5))
     mask = np.ones((3, 5), np.int64)
     mask[2, :2] = 0  # a left-padded row
-    targets = rng.integers(0, TINY.vocab_size, (3, 5))
+    targets = rng.integers(0, GRAD.vocab_size, (3, 5))
     weights = mask * rng.uniform(0.5, 1.5, (3, 5))  # a random upstream gradient, not ones
 
     def loss():
-        logits, _ = tf.forward(params, TINY, tokens, mask)
+        logits, _ = tf.forward(params, GRAD, tokens, mask)
         return L.cross_entropy_forward(logits, targets, weights)[0]
 
-    logits, cache = tf.forward(params, TINY, tokens, mask)
+    logits, cache = tf.forward(params, GRAD, tokens, mask)
     _, ce_cache = L.cross_entropy_forward(logits, targets, weights)
     grads = tf.backward(L.cross_entropy_backward(1.0, ce_cache), cache)
-    for name, err in model_gradient_errors(loss, params, grads, TINY.n_embd).items():
-        assert grads[name].shape == params[name].shape
-        assert err < 1e-5, f"{name}: relative error {err:.2e}"
+    errors = gradient_errors(loss, {"params": params}, {"params": grads}, zero=key_bias_zero(GRAD))
+    assert set(errors) == set(tf.param_shapes(GRAD))
+    for name, err in errors.items():
+        assert err < MODEL_TOL, f"{name}: relative error {err:.2e}"
 
 
 def test_trunk_gradient_for_a_scalar_head():
     """A head on hidden_forward (as the reward model uses it) gets correct trunk gradients."""
     rng = np.random.default_rng(2)
-    params = tiny_params()
-    tokens = rng.integers(0, TINY.vocab_size, (2, 4))
-    dh = rng.standard_normal((2, 4, TINY.n_embd))
-    f = lambda: np.sum(tf.hidden_forward(params, TINY, tokens)[0] * dh)
-    grads = tf.hidden_backward(dh, tf.hidden_forward(params, TINY, tokens)[1])
-    for name in ("wte", "h0.attn.w_qkv", "h1.mlp.w_fc", "ln_f.g"):
-        assert rel_error(grads[name], numerical_gradient(f, params[name])) < 1e-5, name
+    params = tiny_params(model_cfg=GRAD)
+    tokens = rng.integers(0, GRAD.vocab_size, (2, 4))
+    dh = rng.standard_normal((2, 4, GRAD.n_embd))
+    f = lambda: np.sum(tf.hidden_forward(params, GRAD, tokens)[0] * dh)
+    grads = tf.hidden_backward(dh, tf.hidden_forward(params, GRAD, tokens)[1])
+    names = ("wte", "h0.attn.w_qkv", "h1.mlp.w_fc", "ln_f.g")
+    errors = gradient_errors(f, {n: params[n] for n in names}, grads)
+    assert all(errors[n] < MODEL_TOL for n in names), errors
 
 
 @given(st.integers(1, 6), st.integers(0, 10), st.integers(0, 1000))
@@ -113,7 +113,7 @@ def test_generation_stops_at_eos_and_pads_after():
 
 def test_same_seed_same_params_and_samples():
     def run():
-        cfg = tf.Config(vocab_size=VOCAB_SIZE, n_ctx=16, n_layer=1, n_head=2, n_embd=8)
+        cfg = tf.GPTConfig(vocab_size=VOCAB_SIZE, n_ctx=16, n_layer=1, n_head=2, n_embd=8)
         params = tf.init_params(cfg, np.random.default_rng(7))
         out = tf.generate(params, cfg, np.full((3, 1), BOS), np.ones((3, 1), np.int64), 6,
                           np.random.default_rng(8))
@@ -137,7 +137,7 @@ def test_float32_in_float32_out():
 
 
 def test_loss_at_init_is_close_to_log_vocab():
-    cfg = tf.Config(vocab_size=VOCAB_SIZE, n_ctx=32, n_layer=2, n_head=4, n_embd=32)
+    cfg = tf.GPTConfig(vocab_size=VOCAB_SIZE, n_ctx=32, n_layer=2, n_head=4, n_embd=32)
     rng = np.random.default_rng(0)
     params = tf.init_params(cfg, rng)
     tokens = rng.integers(0, VOCAB_SIZE, (8, 32))
@@ -147,7 +147,7 @@ def test_loss_at_init_is_close_to_log_vocab():
 
 
 def test_tiny_model_overfits_a_short_string():
-    cfg = tf.Config(vocab_size=VOCAB_SIZE, n_ctx=32, n_layer=1, n_head=2, n_embd=32)
+    cfg = tf.GPTConfig(vocab_size=VOCAB_SIZE, n_ctx=32, n_layer=1, n_head=2, n_embd=32)
     params = tf.init_params(cfg, np.random.default_rng(0))
     tokens, mask = pad_batch([encode_example("hello there", "general kenobi")])
     opt, state = AdamWConfig(lr=1e-2), adamw_init(params)
@@ -167,7 +167,7 @@ def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match="exceeds n_ctx"):
         tf.forward(params, TINY, np.ones((1, 9), np.int64))
     with pytest.raises(ValueError, match="not divisible"):
-        tf.Config(vocab_size=11, n_ctx=8, n_layer=1, n_head=3, n_embd=8)
+        tf.GPTConfig(vocab_size=11, n_ctx=8, n_layer=1, n_head=3, n_embd=8)
     with pytest.raises(ValueError, match="mask shape"):
         tf.forward(params, TINY, np.ones((1, 4), np.int64), np.ones((1, 3)))
     with pytest.raises(ValueError, match="2-D integer"):
@@ -177,12 +177,19 @@ def test_bad_input_raises_value_error():
 
 
 def test_the_model_gradient_check_catches_a_wrong_gradient():
-    params = tiny_params()
-    tokens = np.random.default_rng(5).integers(0, TINY.vocab_size, (2, 4))
-    f = lambda: float(np.sum(tf.forward(params, TINY, tokens)[0] ** 2))  # noqa: E731
-    logits, cache = tf.forward(params, TINY, tokens)
+    params = tiny_params(model_cfg=GRAD)
+    tokens = np.random.default_rng(5).integers(0, GRAD.vocab_size, (2, 4))
+    f = lambda: float(np.sum(tf.forward(params, GRAD, tokens)[0] ** 2))  # noqa: E731
+    logits, cache = tf.forward(params, GRAD, tokens)
     grads = tf.backward(2 * logits, cache)
-    assert max(model_gradient_errors(f, params, grads, TINY.n_embd).values()) < 1e-5
-    grads["h1.mlp.w_fc"] = grads["h1.mlp.w_fc"] * 1.001  # a 0.1% error in one parameter's gradient
-    errors = model_gradient_errors(f, params, grads, TINY.n_embd)
-    assert errors["h1.mlp.w_fc"] > 1e-5 and errors["wte"] < 1e-5
+    wrong = {**grads, "h1.mlp.w_fc": grads["h1.mlp.w_fc"] * 1.001}  # a 0.1% error in one parameter's gradient
+    checked = ("h1.mlp.w_fc", "wte")
+    right = gradient_errors(f, {n: params[n] for n in checked}, grads)
+    errors = gradient_errors(f, {n: params[n] for n in checked}, wrong)
+    assert max(right.values()) < MODEL_TOL
+    assert errors["h1.mlp.w_fc"] > MODEL_TOL and errors["wte"] < MODEL_TOL
+    bias = key_bias_zero(GRAD)
+    broken = {**grads, "h0.attn.b_qkv": grads["h0.attn.b_qkv"] + 1e-3}  # a key-bias gradient that is not 0
+    with pytest.raises(AssertionError, match="exactly 0"):
+        gradient_errors(f, {"params": {"h0.attn.b_qkv": params["h0.attn.b_qkv"]}},
+                        {"params": {"h0.attn.b_qkv": broken["h0.attn.b_qkv"]}}, zero=bias)

@@ -8,21 +8,18 @@ A port hands the kit two callables per function; inputs are passed by minirlhf's
                                      "params" maps to {parameter name: gradient} (PyTorch: autograd.grad)
 
 check_<name>(forward, vjp=None) asserts (AssertionError names the failing figure)
-  1. properties that state the math, on inputs hypothesis draws (strategies in testing.py): an independent
-     formula or naive loop, invariances (shift, causality, padding), identities (k1 / k2 / k3), bounds;
-  2. given vjp, the gradient against fourth-order centred differences of the port's own forward, float64,
-     tiny shapes, inputs off zero and off the clip kinks, a random upstream gradient: relative error
-     < 1e-7 for ops, < 1e-5 for models (MODEL_ENTRIES random entries of every parameter: a slow framework
-     stays quick), and returns {input: worst relative error} ({} without vjp).
-Exact values are the job of the golden fixtures (fixtures.py).
+  1. properties that state the math, on inputs hypothesis draws (strategies.py): an independent formula or
+     naive loop (oracles.py), invariances (shift, causality, padding), identities (k1 / k2 / k3), bounds;
+  2. given vjp, the gradient against fourth-order centred differences of the port's own forward
+     (gradcheck.py), float64, tiny shapes, inputs off zero and off the clip kinks, a random upstream
+     gradient: relative error < 1e-7 for ops, < 1e-5 for models (MODEL_ENTRIES random entries of every
+     parameter: a slow framework stays quick), and returns {input: worst relative error} ({} without vjp).
+Exact values are the job of the golden fixtures (fixtures.py). Models run on inputs.KIT_MODEL.
 
 Padding: masks mark valid tokens with 1. Forward-only functions get NaN at padding ("masked positions may
 hold anything"); losses with a gradient get finite garbage (NaN would poison an autograd graph); outputs
 at padding queries of attention and the models are unspecified: never compared, upstream gradient 0.
-Conventions pinned (RLHF_REFERENCE.md): W (in, out); LayerNorm biased variance, eps 1e-5; GELU tanh form;
-positions cumsum(mask) - mask; softmax(z / tau) for log-probs, entropy and exact KL; k1 = logp - logp_ref;
-the score on EOS, not one after; GAE with V = 0 after the last valid token; whitening with the biased
-variance; losses are means over valid tokens; AdamW with eps outside the sqrt.
+The conventions pinned are those of minirlhf/CONVENTIONS.md; registry.CONVENTIONS names them one by one.
 """
 import numpy as np
 from hypothesis import given, settings
@@ -30,11 +27,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy.special import expit, log_softmax
 
-from .testing import (SEEDS, TINY, assert_close, gradient_errors, logit_batches, masked_pairs, naive_adamw,
-                      naive_attention, naive_gae, off_kink_batch, prefix_masks, tiny_model)
-from .tokenizer import BOS, EOS
+from ..tokenizer import BOS, EOS
+from .gradcheck import MODEL_TOL, OP_TOL, assert_close, key_bias_zero, vjp_errors
+from .inputs import KIT_MODEL, off_kink_batch, tiny_model
+from .oracles import naive_adamw, naive_attention, naive_gae
+from .strategies import SEEDS, logit_batches, masked_pairs, prefix_masks
 
-OP_TOL, MODEL_TOL = 1e-7, 1e-5  # gradient relative-error bounds (STYLE.md)
 MODEL_ENTRIES = 12  # entries checked per parameter of a model
 
 
@@ -55,7 +53,7 @@ def check_linear(forward, vjp=None, max_examples=10):
     _hold(SEEDS, prop, max_examples)
     r = np.random.default_rng(2)
     inputs = {"x": r.standard_normal((2, 3, 4)) + 0.1, "W": r.standard_normal((4, 5)) + 0.1, "b": r.standard_normal(5)}
-    return gradient_errors(forward, vjp, inputs, ["x", "W", "b"], OP_TOL)
+    return vjp_errors(forward, vjp, inputs, ["x", "W", "b"], OP_TOL)
 
 
 def check_layernorm(forward, vjp=None, max_examples=20):
@@ -70,7 +68,7 @@ def check_layernorm(forward, vjp=None, max_examples=20):
     _hold(st.tuples(SEEDS, st.floats(-100, 100)), prop, max_examples)
     r = np.random.default_rng(3)
     inputs = {"x": 2 * r.standard_normal((2, 3, 6)) + 0.1, "g": r.standard_normal(6) + 0.1, "b": r.standard_normal(6)}
-    return gradient_errors(forward, vjp, inputs, ["x", "g", "b"], OP_TOL)
+    return vjp_errors(forward, vjp, inputs, ["x", "g", "b"], OP_TOL)
 
 
 def check_gelu(forward, vjp=None, max_examples=20):
@@ -80,7 +78,7 @@ def check_gelu(forward, vjp=None, max_examples=20):
         assert_close(forward(x=x), 0.5 * x * (1 + np.tanh(u)), 1e-12, "gelu (tanh form)")
     _hold(hnp.arrays(np.float64, (3, 4), elements=st.floats(-10, 10)), prop, max_examples)
     x = 2 * np.random.default_rng(4).standard_normal((2, 3, 4)) + 0.1
-    return gradient_errors(forward, vjp, {"x": x}, ["x"], OP_TOL)
+    return vjp_errors(forward, vjp, {"x": x}, ["x"], OP_TOL)
 
 
 def check_attention(forward, vjp=None, max_examples=15, n_head=2):
@@ -99,7 +97,7 @@ def check_attention(forward, vjp=None, max_examples=15, n_head=2):
     r = np.random.default_rng(5)
     mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]])
     inputs = {"qkv": r.standard_normal((2, 4, 12)) + 0.1, "key_mask": mask, "n_head": n_head}
-    return gradient_errors(forward, vjp, inputs, ["qkv"], OP_TOL, where=mask[..., None] > 0)
+    return vjp_errors(forward, vjp, inputs, ["qkv"], OP_TOL, where=mask[..., None] > 0)
 
 
 def check_cross_entropy(forward, vjp=None, max_examples=20):
@@ -118,7 +116,7 @@ def check_cross_entropy(forward, vjp=None, max_examples=20):
     r = np.random.default_rng(6)
     inputs = {"logits": r.standard_normal((2, 3, 5)) + 0.1, "targets": r.integers(0, 5, (2, 3)),
               "mask": np.array([[1, 1, 1], [1, 0, 0]])}
-    return gradient_errors(forward, vjp, inputs, ["logits"], OP_TOL)
+    return vjp_errors(forward, vjp, inputs, ["logits"], OP_TOL)
 
 
 def check_token_logprobs(forward, vjp=None, max_examples=20):
@@ -133,7 +131,7 @@ def check_token_logprobs(forward, vjp=None, max_examples=20):
     _hold(st.tuples(logit_batches(), st.floats(0.3, 3.0), SEEDS), prop, max_examples)
     r = np.random.default_rng(7)
     inputs = {"logits": r.standard_normal((2, 3, 5)) + 0.1, "targets": r.integers(0, 5, (2, 3)), "temperature": 0.7}
-    return gradient_errors(forward, vjp, inputs, ["logits"], OP_TOL)
+    return vjp_errors(forward, vjp, inputs, ["logits"], OP_TOL)
 
 
 def check_entropy(forward, vjp=None, max_examples=20):
@@ -146,19 +144,19 @@ def check_entropy(forward, vjp=None, max_examples=20):
         assert np.all(H >= -1e-12) and np.all(H <= np.log(z.shape[-1]) + 1e-12), "entropy outside [0, log V]"
     _hold(st.tuples(logit_batches(), st.floats(0.3, 3.0)), prop, max_examples)
     inputs = {"logits": np.random.default_rng(8).standard_normal((2, 3, 5)) + 0.1, "temperature": 1.3}
-    return gradient_errors(forward, vjp, inputs, ["logits"], OP_TOL)
+    return vjp_errors(forward, vjp, inputs, ["logits"], OP_TOL)
 
 
 # ---------------------------------------------------------------- the transformer and the heads on it
 
-def _model_properties(forward, cfg, per_position, max_examples, scored):
+def _model_properties(forward, model_cfg, per_position, max_examples, scored):
     """Causality (per-position outputs), left- and right-padding invariance, padding content ignored."""
     def prop(args):
         seed, n_pad, pad_id = args
         r = np.random.default_rng(seed)
-        params = tiny_model(cfg, seed % 3, head=scored)
-        T = cfg.n_ctx - n_pad
-        tokens = r.integers(3, cfg.vocab_size, (2, T))
+        params = tiny_model(model_cfg, seed % 3, head=scored)
+        T = model_cfg.n_ctx - n_pad
+        tokens = r.integers(3, model_cfg.vocab_size, (2, T))
         if scored:  # BOS text EOS: a score is read at EOS
             tokens[:, 0], tokens[:, -1] = BOS, EOS
         alone = forward(params=params, tokens=tokens, mask=np.ones((2, T), np.int64))
@@ -171,29 +169,28 @@ def _model_properties(forward, cfg, per_position, max_examples, scored):
         if per_position and T > 1:
             t = int(r.integers(1, T))
             later = tokens.copy()
-            later[:, t] = (later[:, t] - 2) % (cfg.vocab_size - 3) + 3  # another text token
+            later[:, t] = (later[:, t] - 2) % (model_cfg.vocab_size - 3) + 3  # another text token
             out = forward(params=params, tokens=later, mask=np.ones((2, T), np.int64))
             assert_close(out[:, :t], alone[:, :t], 1e-12, f"causality: token {t} changed earlier outputs")
-    _hold(st.tuples(SEEDS, st.integers(1, 3), st.integers(0, cfg.vocab_size - 1)), prop, max_examples)
+    _hold(st.tuples(SEEDS, st.integers(1, 3), st.integers(0, model_cfg.vocab_size - 1)), prop, max_examples)
 
 
-def _model_gradient(forward, vjp, cfg, tokens, mask, head, where=None):
+def _model_gradient(forward, vjp, model_cfg, tokens, mask, head, where=None):
     """Every parameter, MODEL_ENTRIES entries each. The key bias adds q . b_k to a whole row of scores, which
     softmax ignores: its gradient is exactly 0, so it is checked to be ~0 instead of by relative error."""
-    inputs = {"params": tiny_model(cfg, 1, head=head), "tokens": tokens, "mask": mask}
-    key_bias = {f"h{l}.attn.b_qkv": np.arange(cfg.n_embd, 2 * cfg.n_embd) for l in range(cfg.n_layer)}
-    return gradient_errors(forward, vjp, inputs, ["params"], MODEL_TOL, where=where, max_entries=MODEL_ENTRIES,
-                           zero=key_bias)
+    inputs = {"params": tiny_model(model_cfg, 1, head=head), "tokens": tokens, "mask": mask}
+    return vjp_errors(forward, vjp, inputs, ["params"], MODEL_TOL, where=where, max_entries=MODEL_ENTRIES,
+                      zero=key_bias_zero(model_cfg))
 
 
-def check_transformer(forward, vjp=None, max_examples=15, cfg=TINY):
+def check_transformer(forward, vjp=None, max_examples=15, model_cfg=KIT_MODEL):
     """logits (B, T, V) of the GPT (params by minirlhf's names): causal, padding-invariant, gradient of
     every parameter (the tied wte gets the lookup's and the head's)."""
-    _model_properties(forward, cfg, True, max_examples, scored=False)
+    _model_properties(forward, model_cfg, True, max_examples, scored=False)
     r = np.random.default_rng(9)
     mask = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])  # left- and right-padded rows
     where = mask[..., None] > 0
-    return _model_gradient(forward, vjp, cfg, r.integers(0, cfg.vocab_size, mask.shape), mask, False, where)
+    return _model_gradient(forward, vjp, model_cfg, r.integers(0, model_cfg.vocab_size, mask.shape), mask, False, where)
 
 
 # BOS text EOS rows (text ids 3..6), one right-padded with junk after EOS, one left-padded
@@ -201,16 +198,16 @@ SCORED = (np.array([[BOS, 3, 4, 5, EOS], [BOS, 6, EOS, 4, 3], [0, BOS, 5, 3, EOS
           np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]))
 
 
-def check_reward_model(forward, vjp=None, max_examples=10, cfg=TINY):
+def check_reward_model(forward, vjp=None, max_examples=10, model_cfg=KIT_MODEL):
     """r (B,) = h[EOS] . head.w + head.b: read at EOS, the last real token; padding changes nothing."""
-    _model_properties(forward, cfg, False, max_examples, scored=True)
-    return _model_gradient(forward, vjp, cfg, *SCORED, True)
+    _model_properties(forward, model_cfg, False, max_examples, scored=True)
+    return _model_gradient(forward, vjp, model_cfg, *SCORED, True)
 
 
-def check_value_model(forward, vjp=None, max_examples=10, cfg=TINY):
+def check_value_model(forward, vjp=None, max_examples=10, model_cfg=KIT_MODEL):
     """values (B, T) = h . head.w + head.b at every position: causal, padding-invariant."""
-    _model_properties(forward, cfg, True, max_examples, scored=True)
-    return _model_gradient(forward, vjp, cfg, *SCORED, True, SCORED[1] > 0)
+    _model_properties(forward, model_cfg, True, max_examples, scored=True)
+    return _model_gradient(forward, vjp, model_cfg, *SCORED, True, SCORED[1] > 0)
 
 
 # ---------------------------------------------------------------- KL, rewards, advantages
@@ -245,15 +242,15 @@ def check_exact_kl(forward, max_examples=30):
 
 
 def check_token_rewards(forward, max_examples=30):
-    """r_t = -beta (logp_t - logp_ref_t) on valid tokens, + the score on the last valid token (EOS, not one
-    after); 0 at padding; so sum_t r_t = score - beta * sum k1."""
+    """r_t = -kl_coef (logp_t - logp_ref_t) on valid tokens, + the score on the last valid token (EOS, not one
+    after); 0 at padding; so sum_t r_t = score - kl_coef * sum k1."""
     def prop(args):
         (logp, logp_ref, mask), seed = args
         r = np.random.default_rng(seed)
-        scores, beta = r.standard_normal(len(mask)), float(r.uniform(0, 1))
-        expected = np.where(mask > 0, -beta * (logp - logp_ref), 0)
+        scores, kl_coef = r.standard_normal(len(mask)), float(r.uniform(0, 1))
+        expected = np.where(mask > 0, -kl_coef * (logp - logp_ref), 0)
         expected[np.arange(len(mask)), mask.sum(1) - 1] += scores
-        out = forward(scores=scores, logp=logp, logp_ref=logp_ref, mask=mask, beta=beta)
+        out = forward(scores=scores, logp=logp, logp_ref=logp_ref, mask=mask, kl_coef=kl_coef)
         assert_close(out, expected, 1e-12, "token rewards: score on EOS, not one after")
     return _hold(st.tuples(masked_pairs(), SEEDS), prop, max_examples)
 
@@ -305,7 +302,7 @@ def check_policy_loss(forward, vjp=None, max_examples=30):
     _hold(SEEDS, prop, max_examples)
     mask, logp, offset, A = off_kink_batch(11)
     inputs = {"logp": logp, "logp_old": logp - offset, "advantages": A, "mask": mask, "clip_eps": 0.2}
-    return gradient_errors(forward, vjp, inputs, ["logp"], OP_TOL)
+    return vjp_errors(forward, vjp, inputs, ["logp"], OP_TOL)
 
 
 def check_value_loss(forward, vjp=None, max_examples=30):
@@ -323,7 +320,7 @@ def check_value_loss(forward, vjp=None, max_examples=30):
     _hold(SEEDS, prop, max_examples)
     mask, v, offset, R = off_kink_batch(12)
     inputs = {"values": v, "values_old": v - offset, "returns": R, "mask": mask, "clip_eps": 0.2, "vf_coef": 0.1}
-    return gradient_errors(forward, vjp, inputs, ["values"], OP_TOL)
+    return vjp_errors(forward, vjp, inputs, ["values"], OP_TOL)
 
 
 # ---------------------------------------------------------------- preference losses
@@ -343,7 +340,7 @@ def check_bt_loss(forward, vjp=None, max_examples=30):
     _hold(st.tuples(pair, pair, st.floats(-100, 100)), prop, max_examples)
     r = np.random.default_rng(13)
     inputs = {"r_chosen": r.standard_normal(5) + 0.1, "r_rejected": r.standard_normal(5) - 0.1}
-    return gradient_errors(forward, vjp, inputs, ["r_chosen", "r_rejected"], OP_TOL)
+    return vjp_errors(forward, vjp, inputs, ["r_chosen", "r_rejected"], OP_TOL)
 
 
 def check_ranking_loss(forward, vjp=None, max_examples=30):
@@ -362,7 +359,7 @@ def check_ranking_loss(forward, vjp=None, max_examples=30):
     valid = np.ones((3, 4), bool)
     valid[1, 2], valid[2, 1:] = False, False  # an unscored response; a row with no pair
     inputs = {"rewards": r.standard_normal((3, 4)) + 0.1, "valid": valid}
-    return gradient_errors(forward, vjp, inputs, ["rewards"], OP_TOL)
+    return vjp_errors(forward, vjp, inputs, ["rewards"], OP_TOL)
 
 
 def check_dpo_loss(forward, vjp=None, max_examples=30):
@@ -379,7 +376,7 @@ def check_dpo_loss(forward, vjp=None, max_examples=30):
     _hold(SEEDS, prop, max_examples)
     r = np.random.default_rng(15)
     inputs = {**dict(zip(names, -3 * r.random((4, 3)) - 0.1)), "beta": 0.5}
-    return gradient_errors(forward, vjp, inputs, list(names), OP_TOL)
+    return vjp_errors(forward, vjp, inputs, list(names), OP_TOL)
 
 
 # ---------------------------------------------------------------- optimiser

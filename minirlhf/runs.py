@@ -1,0 +1,182 @@
+"""Run folders: what one run of the demo writes, and the manifest that makes it one run.
+
+A run folder (`python -m minirlhf.demo --out DIR`) holds
+
+    manifest.json   the run's id, seed, settings and minirlhf version, its status ("running", then
+                    "finished"), the stages finished, and the sha256 of every file the run wrote
+    split.json      the train / unseen prompt split            metrics.jsonl   every logged step
+    sft.npz  reward.npz  policy.npz  value.npz   checkpoints     summary.json    the results
+
+The manifest is rewritten atomically after every file the run adds, and "finished" is written last. So a
+folder is one run exactly when its manifest says finished and every file in it is listed there with the
+hash it had when written. Two rules keep runs apart:
+
+  start_run refuses a folder that holds anything (another run, finished or not, or files that are no run's),
+  unless force=True, which deletes a previous run's files first (a folder holding files no run wrote is
+  refused even then: minirlhf deletes only what it wrote).
+  open_run, which every consumer calls (load_run, the experiments in demos/), refuses a folder whose run did
+  not finish, a file that is missing, changed since the run wrote it, or not the run's, naming the file and
+  the command that re-makes the run. Temporary files (checkpoint.TMP_PREFIX) that a killed save can leave
+  behind are no run's files and are ignored.
+
+Checkpoints also carry the run's id and seed in their info, so a checkpoint copied out of a run still says
+where it came from.
+"""
+import hashlib
+import json
+import os
+import uuid
+
+from . import __version__
+from . import transformer as tf
+from .checkpoint import TMP_PREFIX, atomic_write, load_checkpoint
+from .reward import RewardModel
+from .world import get_prompt
+
+MANIFEST = "manifest.json"
+
+
+def write_json(path, obj):
+    """Atomic JSON write (checkpoint.atomic_write)."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_folder(folder):
+    """ValueError unless folder names a directory that is or can be created and is writable."""
+    if not isinstance(folder, (str, os.PathLike)) or str(folder).strip() == "":
+        raise ValueError("the run folder is an empty path")
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder} is a file, not a folder: a run needs a folder of its own")
+    probe = folder
+    while not os.path.exists(probe):  # the nearest existing parent must let us create the folder
+        probe = os.path.dirname(os.path.abspath(probe))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder}: {'the folder' if probe == folder else probe} is not writable")
+
+
+def _listing(folder):
+    """The files of a folder that belong to someone (temporary files of interrupted saves excluded)."""
+    return sorted(f for f in os.listdir(folder) if not f.startswith(TMP_PREFIX))
+
+
+def read_manifest(folder):
+    """The manifest of a run folder, or None if it has none; ValueError if it is unreadable."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        if not isinstance(manifest, dict) or "files" not in manifest or "status" not in manifest:
+            raise ValueError("not a run manifest")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable run manifest ({e})") from None
+    return manifest
+
+
+def check_start(folder, force=False):
+    """ValueError unless a run may start in folder (module docstring); returns the files a start with force
+    deletes. Changes nothing: the command lines call it while parsing their flags."""
+    check_folder(folder)
+    present = _listing(folder) if os.path.isdir(folder) else []
+    if not present:
+        return []
+    manifest = read_manifest(folder) if MANIFEST in present else None
+    if manifest is None:
+        raise ValueError(f"{folder} is not empty and holds no run ({', '.join(present[:5])}"
+                         f"{', ...' if len(present) > 5 else ''}): choose an empty or new folder")
+    if not force:
+        raise ValueError(f"{folder} holds another run ({manifest['status']}, seed {manifest.get('seed')}, "
+                         f"id {manifest.get('run_id')}): choose another folder, or add --force to replace it")
+    foreign = [f for f in present if f != MANIFEST and f not in manifest["files"]]
+    if foreign:
+        raise ValueError(f"{folder}: {', '.join(foreign)} belong to no run; --force deletes only a run's "
+                         f"files, so move them first")
+    return present
+
+
+def start_run(folder, settings, seed, force=False, remake="python -m minirlhf.demo"):
+    """Start a run in folder (created if needed): its manifest, status "running". Returns the manifest.
+
+    settings: the run's flags (JSON); remake: the command that makes such a run, for messages.
+    """
+    for f in check_start(folder, force):
+        os.unlink(os.path.join(folder, f))
+    os.makedirs(folder, exist_ok=True)
+    for f in os.listdir(folder):  # orphaned temporary files of an earlier, killed run
+        if f.startswith(TMP_PREFIX):
+            os.unlink(os.path.join(folder, f))
+    manifest = {"run_id": uuid.uuid4().hex, "seed": seed, "settings": settings, "minirlhf": __version__,
+                "status": "running", "stages": [], "files": {}, "remake": remake}
+    write_json(os.path.join(folder, MANIFEST), manifest)
+    return manifest
+
+
+def record(folder, manifest, names, stage=None):
+    """Add the files `names` (just written) with their hashes, and the stage they finish, to the manifest."""
+    for name in names:
+        manifest["files"][name] = sha256(os.path.join(folder, name))
+    if stage is not None:
+        manifest["stages"].append(stage)
+    write_json(os.path.join(folder, MANIFEST), manifest)
+
+
+def finish_run(folder, manifest):
+    manifest["status"] = "finished"
+    write_json(os.path.join(folder, MANIFEST), manifest)
+
+
+def open_run(folder):
+    """The manifest of the finished run in folder, after checking that the folder is that run and nothing
+    else (module docstring); ValueError naming what is wrong and how to re-make the run."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: no such run folder")
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise ValueError(f"{folder} holds no finished run (no {MANIFEST}): make one with "
+                         f"python -m minirlhf.demo --out {folder}")
+    remake = f"{manifest.get('remake', 'python -m minirlhf.demo')} --out {folder} --force"
+    if manifest["status"] != "finished":
+        raise ValueError(f"{folder}: its run did not finish (stages done: {', '.join(manifest['stages']) or 'none'}); "
+                         f"re-make it with {remake}")
+    for name in _listing(folder):
+        if name != MANIFEST and name not in manifest["files"]:
+            raise ValueError(f"{folder}/{name} does not belong to the run in {folder} (a file of another run?); "
+                             f"re-make the run with {remake}")
+    for name, digest in manifest["files"].items():
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise ValueError(f"{path} is missing from the run; re-make it with {remake}")
+        if sha256(path) != digest:
+            raise ValueError(f"{path} changed since its run wrote it (another run's file, or damaged); "
+                             f"re-make the run with {remake}")
+    return manifest
+
+
+def save_policy_info(policy, stage, manifest):
+    """The info a policy checkpoint carries: its stage, its Sampling, the run's id and seed."""
+    return {"stage": stage, "sampling": vars(policy.sampling), "run_id": manifest["run_id"],
+            "seed": manifest["seed"]}
+
+
+def load_run(folder, model_cfg=None):
+    """The SFT policy, the reward model (with its normalisation) and the prompt split of a finished demo
+    run, for the experiments in demos/ to start from. model_cfg: the architecture the caller needs."""
+    manifest = open_run(folder)
+    sft, cfg, info = load_checkpoint(os.path.join(folder, "sft.npz"), model_cfg, expect_extra=())
+    rm_params, _, rm_info = load_checkpoint(os.path.join(folder, "reward.npz"), cfg, expect_extra={"head.w", "head.b"})
+    with open(os.path.join(folder, "split.json")) as f:
+        split = json.load(f)
+    return {"sft": tf.Policy(sft, cfg, tf.Sampling(**info["sampling"])), "manifest": manifest,
+            "reward_model": RewardModel(rm_params, cfg, gain=rm_info["gain"], bias=rm_info["bias"]),
+            "train_prompts": [get_prompt(t) for t in split["train"]],
+            "val_prompts": [get_prompt(t) for t in split["val"]]}
