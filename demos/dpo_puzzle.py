@@ -49,7 +49,7 @@ def first_difference(a, b):
 
 def flat_grad(params, cfg, prompt, response):
     """grad log pi(response | prompt) over every parameter, one float64 vector."""
-    _, cache = sequence_logprobs_forward(params, cfg, [prompt], [response])
+    _, cache = sequence_logprobs_forward(tf.Policy(params, cfg), [prompt], [response])
     grads = sequence_logprobs_backward(np.ones(1, np.float32), cache)
     return np.concatenate([grads[k].ravel() for k in sorted(grads)]).astype(np.float64)
 
@@ -63,8 +63,8 @@ def first_order(policy, reference, cfg, prompts, ws, ls, beta):
     """
     gw = np.stack([flat_grad(policy, cfg, p, w) for p, w in zip(prompts, ws)])  # (P, n_params)
     gl = np.stack([flat_grad(policy, cfg, p, l) for p, l in zip(prompts, ls)])
-    logp = sequence_logprobs_forward(policy, cfg, prompts * 2, ws + ls)[0].astype(np.float64)
-    ref = sequence_logprobs_forward(reference, cfg, prompts * 2, ws + ls)[0].astype(np.float64)
+    logp = sequence_logprobs_forward(tf.Policy(policy, cfg), prompts * 2, ws + ls)[0].astype(np.float64)
+    ref = sequence_logprobs_forward(tf.Policy(reference, cfg), prompts * 2, ws + ls)[0].astype(np.float64)
     P = len(prompts)
     s = expit(-beta * ((logp[:P] - ref[:P]) - (logp[P:] - ref[P:])))  # sigmoid(-u), (P,)
     D = (s[:, None] * (gw - gl)).sum(axis=0)

@@ -123,27 +123,27 @@ LOSSES = {"dpo": (dpo_loss_forward, dpo_loss_backward), "ipo": (ipo_loss_forward
 
 # ---------------------------------------------------------------- sequence log-probs through the model
 
-def sequence_logprobs_forward(params, model_cfg, prompts, responses, temperature=1.0):
+def sequence_logprobs_forward(policy, prompts, responses):
     """log pi(response | prompt) summed over the response tokens and EOS, for text lists of one length B,
-    pi = softmax(logits / temperature) (the policy's sampling temperature: DPO fits what it will sample).
+    pi = softmax(logits / tau) at the policy's sampling temperature (DPO fits what the policy will sample).
 
-    Returns (logp (B,), cache); cache: the transformer's cache, the token log-prob cache and the mask.
+    Returns (logp (B,), cache); cache: the policy's forward cache, the token log-prob cache and the mask.
     """
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need one response per prompt and at least one, got {len(prompts)} prompts and "
                          f"{len(responses)} responses")
     inputs, targets, mask, real = make_batch(list(zip(prompts, responses)))  # (B, T-1) each
-    logits, tcache = tf.forward(params, model_cfg, inputs, real)  # (B, T-1, V)
-    token_logp, lcache = L.token_logprobs_forward(logits, targets, temperature)  # (B, T-1)
+    logits, tcache = tf.policy_forward(policy, inputs, real)  # (B, T-1, V)
+    token_logp, lcache = L.token_logprobs_forward(logits, targets, policy.temperature)  # (B, T-1)
     mask = mask.astype(token_logp.dtype)
     return (token_logp * mask).sum(axis=1), (tcache, lcache, mask)
 
 
 def sequence_logprobs_backward(dlogp, cache):
-    """Undoes logp = sum_t mask_t l_t. Returns grads for every parameter."""
+    """Undoes logp = sum_t mask_t l_t. Returns the gradients of the policy's trainable arrays."""
     tcache, lcache, mask = cache
     dtoken = dlogp[:, None].astype(mask.dtype) * mask  # each response token gets its sequence's gradient
-    return tf.backward(L.token_logprobs_backward(dtoken, lcache), tcache)
+    return tf.policy_backward(L.token_logprobs_backward(dtoken, lcache), tcache)
 
 
 # ---------------------------------------------------------------- one minibatch
@@ -158,16 +158,16 @@ def dpo_loss_and_grads(policy, reference, pairs, beta=0.1, loss="dpo"):
     """The DPO (or IPO) loss of a minibatch of (prompt, chosen, rejected) pairs, the policy's gradients
     and the logged statistics. Chosen and rejected go through one forward pass, 2B sequences.
 
-    policy: the Policy being fitted; reference: the frozen reference's parameters, scored at the policy's
-    temperature."""
+    policy: the Policy being fitted; reference: the frozen reference's parameters (for a LoRA policy its own
+    base), scored at the policy's temperature."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)}")
     B = len(pairs)
     prompts = [p for p, _, _ in pairs] * 2
     responses = [w for _, w, _ in pairs] + [l for _, _, l in pairs]  # chosen rows, then rejected rows
-    model_cfg, tau = policy.model_cfg, policy.temperature
-    logp, cache = sequence_logprobs_forward(policy.params, model_cfg, prompts, responses, tau)  # (2B,)
-    ref = sequence_logprobs_forward(reference, model_cfg, prompts, responses, tau)[0]  # frozen: no backward
+    logp, cache = sequence_logprobs_forward(policy, prompts, responses)  # (2B,)
+    frozen = tf.Policy(reference, policy.model_cfg, policy.sampling)  # the same arrays, no copy
+    ref = sequence_logprobs_forward(frozen, prompts, responses)[0]  # frozen: no backward
     forward, backward = LOSSES[loss]
     value, lcache = forward(logp[:B], logp[B:], ref[:B], ref[B:], beta)
     if not np.isfinite(value):
@@ -211,8 +211,8 @@ class DPOConfig:
 
 
 def train_dpo(policy, reference, pairs, dpo_cfg, rng, log=print):
-    """Fit policy.params (in place) to (prompt, chosen, rejected) pairs with the reference's parameters
-    frozen. Returns the history: one dict per step with the loss, the implicit rewards, margin, accuracy,
+    """Fit the policy's trainable arrays (in place) to (prompt, chosen, rejected) pairs with the reference's
+    parameters frozen. Returns the history: one dict per step with the loss, the implicit rewards, margin, accuracy,
     mean log-probs, lr and grad norm.
 
     Minibatches walk through a fresh permutation of the pairs each epoch (a partial last batch is dropped).
@@ -220,10 +220,11 @@ def train_dpo(policy, reference, pairs, dpo_cfg, rng, log=print):
     """
     if len(pairs) < dpo_cfg.batch_size:
         raise ValueError(f"{len(pairs)} pairs are fewer than one batch of {dpo_cfg.batch_size}")
-    if any(np.shares_memory(policy.params[k], reference[k]) for k in policy.params):
+    trained = tf.trainable(policy)
+    if any(np.shares_memory(x, r) for x in trained.values() for r in reference.values()):
         raise ValueError("policy and reference share arrays: train a copy (the reference must stay frozen)")
     opt = AdamWConfig(lr=dpo_cfg.lr, weight_decay=dpo_cfg.weight_decay, max_grad_norm=dpo_cfg.max_grad_norm)
-    state, history, t0 = adamw_init(policy.params), [], time.perf_counter()
+    state, history, t0 = adamw_init(trained), [], time.perf_counter()
     order, pos = rng.permutation(len(pairs)), 0
     for step in range(dpo_cfg.steps):
         t_step = time.perf_counter()
@@ -233,7 +234,7 @@ def train_dpo(policy, reference, pairs, dpo_cfg, rng, log=print):
         pos += dpo_cfg.batch_size
         _, grads, stats = dpo_loss_and_grads(policy, reference, batch, dpo_cfg.beta, dpo_cfg.loss)
         lr = lr_schedule(step, dpo_cfg.steps, dpo_cfg.lr, dpo_cfg.warmup_steps)
-        grad_norm = adamw_step(policy.params, grads, state, opt, lr=lr)  # raises, writing nothing, on NaN / inf
+        grad_norm = adamw_step(trained, grads, state, opt, lr=lr)  # raises, writing nothing, on NaN / inf
         rec = {"stage": "dpo", "step": step + 1, **stats, "lr": lr, "grad_norm": grad_norm,
                "ms": 1000 * (time.perf_counter() - t_step), "seconds": time.perf_counter() - t0}
         history.append(rec)

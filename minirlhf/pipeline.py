@@ -153,7 +153,7 @@ def policy_kl(policy, reference, texts, samples):
         tokens[i, :len(r)], mask[i, :len(r)] = r, 1
     seq, seq_mask = np.concatenate([ptok, tokens], 1), np.concatenate([pmask, mask], 1)
     tau = policy.temperature
-    logits = response_part(tf.forward(policy.params, policy.model_cfg, seq, seq_mask)[0], P, N)
+    logits = response_part(tf.policy_forward(policy, seq, seq_mask)[0], P, N)
     logits_ref = response_part(tf.forward(reference, policy.model_cfg, seq, seq_mask)[0], P, N)
     k1 = kl_estimators(token_logprobs_forward(logits, tokens, tau)[0],
                        token_logprobs_forward(logits_ref, tokens, tau)[0], mask)["k1_sum"]

@@ -117,7 +117,7 @@ def ppo_losses(policy, value, mb, ppo_cfg):
     values_old, advantages, returns (B, N).
     """
     model_cfg, P, N = policy.model_cfg, mb["P"], mb["tokens"].shape[1]
-    logits_all, pcache = tf.forward(policy.params, model_cfg, mb["seq"], mb["seq_mask"])
+    logits_all, pcache = tf.policy_forward(policy, mb["seq"], mb["seq_mask"])
     logp, lcache = L.token_logprobs_forward(response_part(logits_all, P, N), mb["tokens"], policy.temperature)
     pg_loss, pg_cache = policy_loss_forward(logp, mb["logp_old"], mb["advantages"], mb["mask"], ppo_cfg.clip_eps)
     values_all, vcache = value_forward(value, model_cfg, mb["seq"], mb["seq_mask"])
@@ -140,42 +140,43 @@ def ppo_loss_and_grads(policy, value, mb, ppo_cfg):
     stats = {"loss/policy": float(pg_loss), "loss/value": float(vf_loss),
              "ratio_max_dev": float(np.abs(pg_cache["ratio"] - 1)[mb["mask"] > 0].max()),
              **{k: float(v) for k, v in {**pg_cache["stats"], **vf_cache["stats"]}.items()}}
-    return tf.backward(dlogits, pcache), value_backward(dvalues, vcache), stats
+    return tf.policy_backward(dlogits, pcache), value_backward(dvalues, vcache), stats
 
 
 # ---------------------------------------------------------------- rollouts
 
-def response_logprobs(params, model_cfg, seq, seq_mask, tokens, P, temperature):
-    """log softmax(logits / tau)[token] (B, N) of each response token, and the logits (B, N, V) behind them."""
-    logits, _ = tf.forward(params, model_cfg, seq, seq_mask)
-    logits = response_part(logits, P, tokens.shape[1])
+def response_logprobs(policy, seq, seq_mask, tokens, P, temperature):
+    """log softmax(logits / tau)[token] (B, N) of each response token under a policy, and the logits
+    (B, N, V) behind them."""
+    logits = response_part(tf.policy_forward(policy, seq, seq_mask)[0], P, tokens.shape[1])
     return L.token_logprobs_forward(logits, tokens, temperature)[0], logits
 
 
 def rollout(policy, reference, reward_model, value, prompts, kl_coef, ppo_cfg, rng, minibatches):
     """Sample, score and compute advantages for one batch. minibatches: the first epoch's index arrays.
 
-    reference: the frozen reference's parameters, scored at the policy's temperature. Returns the batch
-    dict (arrays over rollouts) and the rollout's statistics.
+    reference: the frozen reference's parameters (for a LoRA policy, its own base), scored at the
+    policy's temperature. Returns the batch dict (arrays over rollouts) and the rollout's statistics.
     """
     t0 = time.perf_counter()
     model_cfg, tau = policy.model_cfg, policy.temperature
     texts = [p.text for p in prompts]
     ptok, pmask = encode_prompts(texts)
     P = ptok.shape[1]
-    gen = tf.generate(policy.params, model_cfg, ptok, pmask, policy.sampling.max_new_tokens, rng, tau)
+    gen = tf.generate(policy.params, model_cfg, ptok, pmask, policy.sampling.max_new_tokens, rng, tau,
+                      adapter=policy.adapter)
     tokens, mask, ended = gen["tokens"], gen["mask"], gen["ended"]
     seq, seq_mask = np.concatenate([ptok, tokens], 1), np.concatenate([pmask, mask], 1)
     t1 = time.perf_counter()
     B, N = tokens.shape
     dtype = policy.params["wte"].dtype
+    ref_policy = tf.Policy(reference, model_cfg, policy.sampling)  # the same arrays, no copy
     logp_old, logp_ref, values_old = (np.zeros((B, N), dtype) for _ in range(3))
     logits_pi, logits_ref = (np.zeros((B, N, model_cfg.vocab_size), dtype) for _ in range(2))
     for idx in minibatches:  # exactly the arrays the first epoch will see: the ratio starts at exactly 1
-        logp_old[idx], logits_pi[idx] = response_logprobs(policy.params, model_cfg, seq[idx], seq_mask[idx],
-                                                          tokens[idx], P, tau)
-        logp_ref[idx], logits_ref[idx] = response_logprobs(reference, model_cfg, seq[idx], seq_mask[idx],
-                                                           tokens[idx], P, tau)
+        rows = seq[idx], seq_mask[idx], tokens[idx], P, tau
+        logp_old[idx], logits_pi[idx] = response_logprobs(policy, *rows)
+        logp_ref[idx], logits_ref[idx] = response_logprobs(ref_policy, *rows)
         values_old[idx] = response_part(value_forward(value, model_cfg, seq[idx], seq_mask[idx])[0], P, N)
     scores = sequence_scores(reward_model, seq, seq_mask, ended)
     t2 = time.perf_counter()
@@ -205,13 +206,14 @@ def minibatch(batch, idx):
 
 
 def train_ppo(policy, reference, reward_model, value, train_prompts, ppo_cfg, rng, log=print, on_update=None):
-    """Run PPO, updating policy.params and value (in place). Returns the list of per-update stats dicts.
+    """Run PPO, updating the policy's trainable arrays (tf.trainable) and value in place. Returns the list of
+    per-update stats dicts.
 
     reference (parameters) and reward_model (a reward.RewardModel) stay frozen. on_update(i, stats), if
     given, is called after each update (the demo writes metrics with it).
     """
     opt = AdamWConfig(lr=ppo_cfg.lr, weight_decay=0.0, max_grad_norm=ppo_cfg.max_grad_norm)
-    pstate, vstate = adamw_init(policy.params), adamw_init(value)
+    pstate, vstate = adamw_init(tf.trainable(policy)), adamw_init(value)
     kl_coef, history = ppo_cfg.kl.kl_coef, []
     n_mb = ppo_cfg.batch_size // ppo_cfg.minibatch_size
     for update in range(ppo_cfg.updates):
@@ -229,7 +231,7 @@ def train_ppo(policy, reference, reward_model, value, train_prompts, ppo_cfg, rn
                     for name, x in g.items():
                         if not np.all(np.isfinite(x)):
                             raise ValueError(f"PPO gradient {name} is not finite; no update applied")
-                adamw_step(policy.params, pgrads, pstate, opt, lr=lr)
+                adamw_step(tf.trainable(policy), pgrads, pstate, opt, lr=lr)
                 adamw_step(value, vgrads, vstate, opt, lr=lr)
                 mb_stats.append(s)
         stats.update({"update": update + 1, "objective/kl_coef": kl_coef, "lr": lr,

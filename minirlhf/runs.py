@@ -17,7 +17,8 @@ hash it had when written. Two rules keep runs apart:
   open_run, which every consumer calls (load_run, the experiments in demos/), refuses a folder whose run did
   not finish, a file that is missing, changed since the run wrote it, or not the run's, naming the file and
   the command that re-makes the run. Temporary files (checkpoint.TMP_PREFIX) that a killed save can leave
-  behind are no run's files and are ignored.
+  behind are no run's files and are ignored, and so are subfolders: a tool that starts from a finished run
+  (the labelling tool, python -m minirlhf.label) writes into a subfolder of it.
 
 Checkpoints also carry the run's id and seed in their info, so a checkpoint copied out of a run still says
 where it came from.
@@ -64,8 +65,11 @@ def check_folder(folder):
 
 
 def _listing(folder):
-    """The files of a folder that belong to someone (temporary files of interrupted saves excluded)."""
-    return sorted(f for f in os.listdir(folder) if not f.startswith(TMP_PREFIX))
+    """The files of a run folder that belong to someone: not temporary files of interrupted saves, and not
+    subfolders (tools that start from a finished run, such as `python -m minirlhf.label`, write theirs
+    there; they are not the run's files)."""
+    return sorted(f for f in os.listdir(folder)
+                  if not f.startswith(TMP_PREFIX) and not os.path.isdir(os.path.join(folder, f)))
 
 
 def read_manifest(folder):

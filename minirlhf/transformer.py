@@ -38,7 +38,11 @@ reward or value head) and `hidden_backward`, check their input and run that math
 passes its faster forms of the same ops and splits a big batch over two threads (fast.ENABLED switches it).
 
 A policy is a model together with how it samples (`Policy`, `Sampling`): the temperature that samples a
-response is the one that scores it, wherever it is scored (rollouts, the KL, evaluation).
+response is the one that scores it, wherever it is scored (rollouts, the KL, evaluation). A policy may
+also carry a LoRA adapter (lora.py, the lesson after RLHF): then its parameters are the frozen base, the
+optimiser trains the adapter alone, and the base without the adapter is the reference, never copied.
+`policy_forward`, `policy_backward` and `trainable` are what the training stages call on a policy; they
+work for either kind.
 """
 from dataclasses import dataclass, field, replace
 
@@ -267,11 +271,12 @@ def sample_categorical(probs, rng):
     return np.minimum(idx, probs.shape[-1] - 1)  # guards u above a CDF that rounds to just below 1
 
 
-def generate(params, model_cfg, prompts, prompt_mask, max_new_tokens, rng, temperature=1.0, return_logits=False):
+def generate(params, model_cfg, prompts, prompt_mask, max_new_tokens, rng, temperature=1.0, return_logits=False,
+             adapter=None):
     """Sample responses to a batch of left-padded prompts, one token at a time with a KV cache.
 
     prompts, prompt_mask: (B, P). Samples from softmax(logits / temperature) (no top-k / top-p); a row
-    stops at its first EOS or after max_new_tokens. Returns dict:
+    stops at its first EOS or after max_new_tokens; adapter: a LoRA adapter on params, or None. Returns dict:
         tokens   (B, N) sampled response tokens, PAD after a row's EOS (N = longest response)
         logprobs (B, N) log-prob of each sampled token under softmax(logits / temperature), 0 on padding
         mask     (B, N) 1 on response tokens, EOS included
@@ -290,6 +295,9 @@ def generate(params, model_cfg, prompts, prompt_mask, max_new_tokens, rng, tempe
     if not (np.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     ops = fast.decode_ops()
+    if adapter is not None:
+        from .lora import wrap  # lora.py: the base's linear layers with the adapter's low-rank update
+        params, ops = wrap(params, adapter, ops)
     dtype = params["wte"].dtype
     H, D = model_cfg.n_head, model_cfg.n_embd // model_cfg.n_head
     kv = [(np.zeros((B, H, model_cfg.n_ctx, D), dtype), np.zeros((B, H, model_cfg.n_ctx, D), dtype))
@@ -339,10 +347,12 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Policy:
-    """A language model that samples: its parameters (trained in place), its config and its Sampling."""
-    params: dict  # parameter name -> array (param_shapes)
+    """A language model that samples: its parameters, its config and its Sampling, and optionally a LoRA
+    adapter (lora.Adapter): then params is the frozen base and the adapter's weights are what trains."""
+    params: dict  # parameter name -> array (param_shapes); trained in place unless there is an adapter
     model_cfg: GPTConfig  # the architecture
     sampling: Sampling = field(default_factory=Sampling)  # how it samples, and so how its samples are scored
+    adapter: object = None  # a lora.Adapter, or None for a fully fine-tuned model
 
     @property
     def temperature(self):
@@ -354,6 +364,27 @@ def copy_policy(policy, **changes):
     return replace(policy, params={k: v.copy() for k, v in policy.params.items()}, **changes)
 
 
+def policy_forward(policy, tokens, mask=None):
+    """A policy's logits (B, T, V) and cache: `forward` of its parameters, through its adapter if it has one."""
+    if policy.adapter is None:
+        return forward(policy.params, policy.model_cfg, tokens, mask)
+    from .lora import adapted_forward  # lora.py: only a LoRA policy needs it
+    return adapted_forward(policy, tokens, mask)
+
+
+def policy_backward(dlogits, cache):
+    """Undoes policy_forward: the gradients of the policy's trainable arrays (`trainable`)."""
+    if isinstance(cache, list):  # forward's cache: a full model
+        return backward(dlogits, cache)
+    from .lora import adapted_backward
+    return adapted_backward(dlogits, cache)
+
+
+def trainable(policy):
+    """The arrays an optimiser updates: the parameters, or the adapter's weights for a LoRA policy."""
+    return policy.params if policy.adapter is None else policy.adapter.weights
+
+
 def sample_responses(policy, prompt_texts, rng, batch_size=256):
     """The sampler every stage uses: one response per prompt text, [(response_text, ended)], ended = it
     emitted EOS. Batches of batch_size prompts, left-padded (tokenizer.encode_prompts)."""
@@ -361,6 +392,6 @@ def sample_responses(policy, prompt_texts, rng, batch_size=256):
     for i in range(0, len(prompt_texts), batch_size):
         tokens, mask = encode_prompts(prompt_texts[i:i + batch_size])
         gen = generate(policy.params, policy.model_cfg, tokens, mask, policy.sampling.max_new_tokens, rng,
-                       policy.temperature)
+                       policy.temperature, adapter=policy.adapter)
         out += [(decode(row), bool(e)) for row, e in zip(gen["tokens"], gen["ended"])]
     return out

@@ -53,10 +53,10 @@ def test_whole_model_gradient_every_parameter(tau):
     beta, loss = 0.5, "dpo"
     _, grads, stats = dpo.dpo_loss_and_grads(policy, reference, PAIRS, beta, loss)
     prompts, responses = [p for p, _, _ in PAIRS] * 2, [w for _, w, _ in PAIRS] + [l for _, _, l in PAIRS]
-    ref = dpo.sequence_logprobs_forward(reference, TINY, prompts, responses, tau)[0]  # fixed: computed once
+    ref = dpo.sequence_logprobs_forward(tf.Policy(reference, TINY, policy.sampling), prompts, responses)[0]  # once
 
     def f():  # the same loss as dpo_loss_and_grads, one forward pass of the policy per evaluation
-        logp = dpo.sequence_logprobs_forward(policy.params, TINY, prompts, responses, tau)[0]
+        logp = dpo.sequence_logprobs_forward(policy, prompts, responses)[0]
         return dpo.LOSSES[loss][0](logp[:3], logp[3:], ref[:3], ref[3:], beta)[0]
     assert f() == dpo.dpo_loss_and_grads(policy, reference, PAIRS, beta, loss)[0]
     assert abs(stats["rewards/margins"]) > 0.1  # u far from 0
@@ -67,15 +67,15 @@ def test_whole_model_gradient_every_parameter(tau):
 
 def test_sequence_logprob_equals_token_by_token_oracle():
     """Sum over response tokens and EOS, prompt excluded, padding ignored: against one forward per token."""
-    policy = wide_models(1)[0].params
+    policy = wide_models(1)[0]
     prompts, responses = [p for p, _, _ in PAIRS], [w for _, w, _ in PAIRS]
-    logp, _ = dpo.sequence_logprobs_forward(policy, TINY, prompts, responses)
+    logp, _ = dpo.sequence_logprobs_forward(policy, prompts, responses)
     for b, (p, r) in enumerate(zip(prompts, responses)):
         seq = encode_example(p, r)
         start = len(encode_example(p))  # index of the first response token
         oracle = 0.0
         for t in range(start, len(seq)):  # every response token, the last one being EOS
-            logits, _ = tf.forward(policy, TINY, np.array([seq[:t]]))
+            logits, _ = tf.forward(policy.params, TINY, np.array([seq[:t]]))
             oracle += log_softmax(logits[0, -1])[seq[t]]
         assert seq[-1] == EOS and logp[b] == pytest.approx(oracle, rel=1e-12, abs=1e-12)
 
@@ -138,7 +138,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="beta"):
         dpo.dpo_loss_forward(z, z, z, z, beta=0.0)
     with pytest.raises(ValueError, match="one response per prompt"):
-        dpo.sequence_logprobs_forward(wide_models()[0].params, TINY, ["hi"], ["a", "b"])
+        dpo.sequence_logprobs_forward(wide_models()[0], ["hi"], ["a", "b"])
     with pytest.raises(ValueError):
         dpo.DPOConfig(loss="kto")
     with pytest.raises(ValueError):

@@ -39,7 +39,7 @@ def test_full_ppo_loss_gradient_through_both_networks():
     seq_mask[0, 0] = 0  # a left-padded prompt
     mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
     seq_mask[:, P:] = mask
-    logp, _ = ppo.response_logprobs(policy.params, GRAD, seq, seq_mask, seq[:, P:], P, 0.9)
+    logp, _ = ppo.response_logprobs(policy, seq, seq_mask, seq[:, P:], P, 0.9)
     values = ppo.response_part(ppo.value_forward(value, GRAD, seq, seq_mask)[0], P, N)
     # Offsets keep every ratio and value away from the clip kinks (|log ratio| < 0.1 or > 0.35, eps = 0.2),
     # so both branches of each max are exercised and finite differences never cross a kink.
