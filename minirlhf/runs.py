@@ -26,6 +26,7 @@ where it came from.
 import hashlib
 import json
 import os
+import shutil
 import uuid
 
 from . import __version__
@@ -102,25 +103,33 @@ def check_start(folder, force=False):
         raise ValueError(f"{folder} holds another run ({manifest['status']}, seed {manifest.get('seed')}, "
                          f"id {manifest.get('run_id')}): choose another folder, or add --force to replace it")
     foreign = [f for f in present if f != MANIFEST and f not in manifest["files"]]
+    foreign += [d for d in _subfolders(folder) if read_manifest(os.path.join(folder, d)) is None]
     if foreign:
-        raise ValueError(f"{folder}: {', '.join(foreign)} belong to no run; --force deletes only a run's "
-                         f"files, so move them first")
-    return present
+        raise ValueError(f"{folder}: {', '.join(foreign)} belong to no run; --force deletes only what runs "
+                         f"wrote, so move them first")
+    return present + _subfolders(folder)  # a tool's subfolder (with its own manifest) goes with its run
 
 
-def start_run(folder, settings, seed, force=False, remake="python -m minirlhf.demo"):
+def _subfolders(folder):
+    return sorted(f for f in os.listdir(folder) if os.path.isdir(os.path.join(folder, f)))
+
+
+def start_run(folder, settings, seed, force=False, remake="python -m minirlhf.demo", parent=None):
     """Start a run in folder (created if needed): its manifest, status "running". Returns the manifest.
 
-    settings: the run's flags (JSON); remake: the command that makes such a run, for messages.
+    settings: the run's flags (JSON); remake: the command that makes such a run, for messages; parent: the
+    manifest of the finished run this one starts from (a tool's run in a subfolder of it), whose id it keeps.
     """
     for f in check_start(folder, force):
-        os.unlink(os.path.join(folder, f))
+        path = os.path.join(folder, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
     os.makedirs(folder, exist_ok=True)
     for f in os.listdir(folder):  # orphaned temporary files of an earlier, killed run
         if f.startswith(TMP_PREFIX):
             os.unlink(os.path.join(folder, f))
     manifest = {"run_id": uuid.uuid4().hex, "seed": seed, "settings": settings, "minirlhf": __version__,
-                "status": "running", "stages": [], "files": {}, "remake": remake}
+                "status": "running", "stages": [], "files": {}, "remake": remake,
+                "parent_run_id": None if parent is None else parent["run_id"]}
     write_json(os.path.join(folder, MANIFEST), manifest)
     return manifest
 
@@ -163,6 +172,11 @@ def open_run(folder):
         if sha256(path) != digest:
             raise ValueError(f"{path} changed since its run wrote it (another run's file, or damaged); "
                              f"re-make the run with {remake}")
+    parent_id = manifest.get("parent_run_id")
+    parent = read_manifest(os.path.dirname(os.path.abspath(folder))) if parent_id else None
+    if parent_id and (parent is None or parent["run_id"] != parent_id):
+        raise ValueError(f"{folder} was made from run {parent_id}, which is no longer the run around it; "
+                         f"re-make it with {remake}")
     return manifest
 
 
