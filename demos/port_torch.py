@@ -111,8 +111,8 @@ def value_loss(values, values_old, returns, mask, clip_eps, vf_coef):
     return vf_coef * 0.5 * torch.maximum((v - R) ** 2, (v_clip - R) ** 2).sum() / valid.sum()
 
 
-def bt_loss(r_chosen, r_rejected):
-    return -F.logsigmoid(r_chosen - r_rejected).mean()
+def bt_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
+    return -F.logsigmoid(r_chosen - r_rejected - margin).mean() + center_coef * ((r_chosen + r_rejected) ** 2).mean()
 
 
 # ---------------------------------------------------------------- the kit's calling convention
@@ -220,15 +220,14 @@ def main(argv=None):
         print("torch is not installed: nothing to check (pip install torch to run the port). Exiting cleanly.")
         return 0
     from minirlhf import transformer as tf
-    from minirlhf.kit import conformance as K, fixtures as FX
+    from minirlhf.kit import fixtures as FX
     from minirlhf.kit.inputs import KIT_MODEL as TINY, tiny_model
+    from minirlhf.kit.registry import check as kit_check
     torch.set_num_threads(1)
     ported = {"transformer": model_pair(TINY, None), "value_model": model_pair(TINY, "value"),
               "token_logprobs": pair(token_logprobs, ["logits"]), "policy_loss": pair(policy_loss, ["logp"]),
               "value_loss": pair(value_loss, ["values"]), "bt_loss": pair(bt_loss, ["r_chosen", "r_rejected"])}
-    checks = {"transformer": K.check_transformer, "value_model": K.check_value_model,
-              "token_logprobs": K.check_token_logprobs, "policy_loss": K.check_policy_loss,
-              "value_loss": K.check_value_loss, "bt_loss": K.check_bt_loss}
+    checks = {name: kit_check(name) for name in ported}
     result, failed = {"kit": {}, "fixtures": {}, "direct": {}}, []
     for name, check in checks.items():
         try:

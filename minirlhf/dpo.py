@@ -121,29 +121,44 @@ def ipo_loss_backward(dloss, cache):
 LOSSES = {"dpo": (dpo_loss_forward, dpo_loss_backward), "ipo": (ipo_loss_forward, ipo_loss_backward)}
 
 
-# ---------------------------------------------------------------- sequence log-probs through the model
+# ---------------------------------------------------------------- sequence log-probs
+
+def sequence_logprob_forward(logits, targets, mask, temperature=1.0):
+    """log pi(y) = sum_t mask_t log softmax(z_t / tau)[y_t]: the log-prob of each row's response, summed (not
+    averaged) over its mask, the response tokens and EOS. (B, T, V), (B, T), (B, T) -> (B,), cache."""
+    mask = np.asarray(mask)
+    if mask.shape != np.shape(targets) or not np.isin(mask, (0, 1)).all():
+        raise ValueError(f"mask must be a 0/1 array of the targets' shape {np.shape(targets)}, got {mask.shape}")
+    token_logp, lcache = L.token_logprobs_forward(logits, targets, temperature)  # (B, T)
+    mask = mask.astype(token_logp.dtype)
+    return (token_logp * mask).sum(axis=1), (lcache, mask)
+
+
+def sequence_logprob_backward(dlogp, cache):
+    """Undoes logp = sum_t mask_t l_t: each response token's logits get dl_t = dlogp mask_t. Returns dlogits."""
+    lcache, mask = cache
+    return L.token_logprobs_backward(np.asarray(dlogp)[:, None].astype(mask.dtype) * mask, lcache)
+
 
 def sequence_logprobs_forward(policy, prompts, responses):
     """log pi(response | prompt) summed over the response tokens and EOS, for text lists of one length B,
     pi = softmax(logits / tau) at the policy's sampling temperature (DPO fits what the policy will sample).
 
-    Returns (logp (B,), cache); cache: the policy's forward cache, the token log-prob cache and the mask.
+    Returns (logp (B,), cache); cache: the policy's forward cache and the sequence log-prob's.
     """
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need one response per prompt and at least one, got {len(prompts)} prompts and "
                          f"{len(responses)} responses")
     inputs, targets, mask, real = make_batch(list(zip(prompts, responses)))  # (B, T-1) each
     logits, tcache = tf.policy_forward(policy, inputs, real)  # (B, T-1, V)
-    token_logp, lcache = L.token_logprobs_forward(logits, targets, policy.temperature)  # (B, T-1)
-    mask = mask.astype(token_logp.dtype)
-    return (token_logp * mask).sum(axis=1), (tcache, lcache, mask)
+    logp, scache = sequence_logprob_forward(logits, targets, mask, policy.temperature)
+    return logp, (tcache, scache)
 
 
 def sequence_logprobs_backward(dlogp, cache):
-    """Undoes logp = sum_t mask_t l_t. Returns the gradients of the policy's trainable arrays."""
-    tcache, lcache, mask = cache
-    dtoken = dlogp[:, None].astype(mask.dtype) * mask  # each response token gets its sequence's gradient
-    return tf.policy_backward(L.token_logprobs_backward(dtoken, lcache), tcache)
+    """Undoes sequence_logprobs_forward. Returns the gradients of the policy's trainable arrays."""
+    tcache, scache = cache
+    return tf.policy_backward(sequence_logprob_backward(dlogp, scache), tcache)
 
 
 # ---------------------------------------------------------------- one minibatch

@@ -43,7 +43,7 @@ from .optim import AdamWConfig, adamw_init, adamw_step, lr_schedule
 from .ppo_objective import (explained_variance, gae, policy_loss_backward, policy_loss_forward,
                             value_loss_backward, value_loss_forward, whiten)
 from .reward import sequence_scores
-from .tokenizer import decode, encode_prompts
+from .tokenizer import EOS, decode, encode_prompts, response_mask
 from .world import gold, sample_prompts
 
 
@@ -152,6 +152,38 @@ def response_logprobs(policy, seq, seq_mask, tokens, P, temperature):
     return L.token_logprobs_forward(logits, tokens, temperature)[0], logits
 
 
+def assemble_rollout(policy, reference, reward_model, value, ptok, pmask, tokens, kl_coef, ppo_cfg, minibatches=None):
+    """Everything a rollout computes from its sampled tokens, the part a port most often gets wrong.
+
+    ptok, pmask (B, P): the left-padded prompts; tokens (B, N): the sampled responses, PAD after EOS. Builds
+    the response mask (EOS in, everything after it out), the old policy's and the reference's log-probs at
+    the policy's temperature, the values, the scores (on EOS; NO_EOS_SCORE without EOS), the token rewards,
+    GAE and the whitened advantages. minibatches: the first epoch's index arrays (None: the whole batch), on
+    whose very arrays the log-probs are computed. Returns the batch dict and the logits (for statistics).
+    """
+    model_cfg, tau = policy.model_cfg, policy.temperature
+    mask, ended = response_mask(tokens), (tokens == EOS).any(axis=1)
+    seq, seq_mask = np.concatenate([ptok, tokens], 1), np.concatenate([pmask, mask], 1)
+    (B, P), N = ptok.shape, tokens.shape[1]
+    dtype = policy.params["wte"].dtype
+    ref_policy = tf.Policy(reference, model_cfg, policy.sampling)  # the same arrays, no copy
+    logp_old, logp_ref, values_old = (np.zeros((B, N), dtype) for _ in range(3))
+    logits_pi, logits_ref = (np.zeros((B, N, model_cfg.vocab_size), dtype) for _ in range(2))
+    for idx in minibatches if minibatches is not None else [np.arange(B)]:  # the ratio starts at exactly 1
+        rows = seq[idx], seq_mask[idx], tokens[idx], P, tau
+        logp_old[idx], logits_pi[idx] = response_logprobs(policy, *rows)
+        logp_ref[idx], logits_ref[idx] = response_logprobs(ref_policy, *rows)
+        values_old[idx] = response_part(value_forward(value, model_cfg, seq[idx], seq_mask[idx])[0], P, N)
+    scores = sequence_scores(reward_model, seq, seq_mask, ended)
+    rewards, non_score = token_rewards(scores, logp_old, logp_ref, mask, kl_coef)
+    advantages, returns = gae(rewards, values_old, mask, ppo_cfg.gamma, ppo_cfg.lam)
+    batch = {"P": P, "seq": seq, "seq_mask": seq_mask, "tokens": tokens, "mask": mask, "ended": ended,
+             "logp_old": logp_old, "logp_ref": logp_ref, "values_old": values_old, "scores": scores,
+             "rewards": rewards, "non_score_reward": non_score, "returns": returns,
+             "advantages": whiten(advantages, mask)}
+    return batch, (logits_pi, logits_ref)
+
+
 def rollout(policy, reference, reward_model, value, prompts, kl_coef, ppo_cfg, rng, minibatches):
     """Sample, score and compute advantages for one batch. minibatches: the first epoch's index arrays.
 
@@ -159,43 +191,28 @@ def rollout(policy, reference, reward_model, value, prompts, kl_coef, ppo_cfg, r
     policy's temperature. Returns the batch dict (arrays over rollouts) and the rollout's statistics.
     """
     t0 = time.perf_counter()
-    model_cfg, tau = policy.model_cfg, policy.temperature
     texts = [p.text for p in prompts]
     ptok, pmask = encode_prompts(texts)
-    P = ptok.shape[1]
-    gen = tf.generate(policy.params, model_cfg, ptok, pmask, policy.sampling.max_new_tokens, rng, tau,
-                      adapter=policy.adapter)
-    tokens, mask, ended = gen["tokens"], gen["mask"], gen["ended"]
-    seq, seq_mask = np.concatenate([ptok, tokens], 1), np.concatenate([pmask, mask], 1)
+    gen = tf.generate(policy.params, policy.model_cfg, ptok, pmask, policy.sampling.max_new_tokens, rng,
+                      policy.temperature, adapter=policy.adapter)
     t1 = time.perf_counter()
-    B, N = tokens.shape
-    dtype = policy.params["wte"].dtype
-    ref_policy = tf.Policy(reference, model_cfg, policy.sampling)  # the same arrays, no copy
-    logp_old, logp_ref, values_old = (np.zeros((B, N), dtype) for _ in range(3))
-    logits_pi, logits_ref = (np.zeros((B, N, model_cfg.vocab_size), dtype) for _ in range(2))
-    for idx in minibatches:  # exactly the arrays the first epoch will see: the ratio starts at exactly 1
-        rows = seq[idx], seq_mask[idx], tokens[idx], P, tau
-        logp_old[idx], logits_pi[idx] = response_logprobs(policy, *rows)
-        logp_ref[idx], logits_ref[idx] = response_logprobs(ref_policy, *rows)
-        values_old[idx] = response_part(value_forward(value, model_cfg, seq[idx], seq_mask[idx])[0], P, N)
-    scores = sequence_scores(reward_model, seq, seq_mask, ended)
+    batch, (logits_pi, logits_ref) = assemble_rollout(policy, reference, reward_model, value, ptok, pmask,
+                                                      gen["tokens"], kl_coef, ppo_cfg, minibatches)
     t2 = time.perf_counter()
-    rewards, non_score = token_rewards(scores, logp_old, logp_ref, mask, kl_coef)
-    advantages, returns = gae(rewards, values_old, mask, ppo_cfg.gamma, ppo_cfg.lam)
-    batch = {"P": P, "seq": seq, "seq_mask": seq_mask, "tokens": tokens, "mask": mask, "logp_old": logp_old,
-             "values_old": values_old, "returns": returns, "advantages": whiten(advantages, mask)}
-    kl = kl_estimators(logp_old, logp_ref, mask)
+    mask, ended, scores, tau = batch["mask"], batch["ended"], batch["scores"], policy.temperature
+    kl = kl_estimators(batch["logp_old"], batch["logp_ref"], mask)
     entropy = L.entropy_forward(logits_pi, tau)[0] * mask
-    responses = [decode(t) for t in tokens]
+    responses = [decode(t) for t in batch["tokens"]]
+    non_score = batch["non_score_reward"].sum(1)
     stats = {"objective/kl": float(kl["k1_sum"].mean()), "objective/k2": float(kl["k2_sum"].mean()),
              "objective/k3": float(kl["k3_sum"].mean()),
              "objective/kl_exact": float(exact_kl(logits_pi, logits_ref, tau, mask).sum(1).mean()),
              "objective/entropy": float(entropy.sum(1).mean()), "objective/scores": float(scores.mean()),
-             "objective/non_score_reward": float(non_score.sum(1).mean()),
-             "objective/rlhf_reward": float(scores.mean() + non_score.sum(1).mean()),
+             "objective/non_score_reward": float(non_score.mean()),
+             "objective/rlhf_reward": float(scores.mean() + non_score.mean()),
              "gold/score": float(np.mean([gold(t, r, e) for t, r, e in zip(texts, responses, ended)])),
              "rollout/ended": float(ended.mean()), "rollout/length": float(mask.sum(1).mean()),
-             "val/explained_variance": float(explained_variance(values_old, returns, mask)),
+             "val/explained_variance": float(explained_variance(batch["values_old"], batch["returns"], mask)),
              "time/rollout": t1 - t0, "time/score": t2 - t1}
     return batch, stats
 

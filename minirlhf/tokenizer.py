@@ -19,7 +19,8 @@ and `pad_batch` stacks examples into a (B, T) int array with a (B, T) mask (1 = 
 Prompts for generation are *left* padded (`encode_prompts`), so every prompt ends in the same column and
 sampling appends to the right; training sequences are right padded. The transformer derives positions from
 the mask, so either side is correct. `last_real_index` finds where each row's real tokens end: the EOS a
-reward model reads, the last response token that receives the score.
+reward model reads, the last response token that receives the score; `response_mask` marks a sampled
+response's tokens, EOS included and everything after it out.
 """
 import numpy as np
 
@@ -101,3 +102,11 @@ def last_real_index(mask):
         empty = np.flatnonzero(~real.any(axis=1)) if real.ndim == 2 else []
         raise ValueError(f"mask must be (B, T) with at least one real token per row; rows {list(empty)} have none")
     return real.shape[1] - 1 - np.argmax(real[:, ::-1], axis=1)
+
+
+def response_mask(tokens):
+    """(B, N) 0/1 mask of the response tokens of sampled rows: 1 up to and including a row's first EOS, 0 after
+    it (a row without EOS is valid to its end). The mask every loss, KL and reward of a response covers."""
+    tokens = np.asarray(tokens)
+    eos_before = np.cumsum(tokens == EOS, axis=1) - (tokens == EOS)  # EOS tokens strictly before each position
+    return (eos_before == 0).astype(np.int64)

@@ -50,7 +50,7 @@ import numpy as np
 
 from . import fast
 from . import layers
-from .tokenizer import EOS, PAD, decode, encode_prompts
+from .tokenizer import EOS, PAD, decode, encode_prompts, response_mask
 
 
 @dataclass(frozen=True)
@@ -307,14 +307,13 @@ def generate(params, model_cfg, prompts, prompt_mask, max_new_tokens, rng, tempe
     pos = positions_from_mask(prompt_mask)
     logits = decode_step(params, model_cfg, prompts, pos, kv, key_mask, 0, ops)[:, -1]  # (B, V) after the prompt
     next_pos = prompt_mask.sum(axis=1)  # (B,)
-    tokens, logps, masks, all_logits = [], [], [], []
+    tokens, logps, all_logits = [], [], []
     alive = np.ones(B, dtype=bool)
     for t in range(max_new_tokens):
         logp = layers.log_softmax(logits / temperature)
         tok = sample_categorical(np.exp(logp), rng)
         tokens.append(np.where(alive, tok, PAD))
         logps.append(np.where(alive, logp[np.arange(B), tok], 0).astype(dtype))
-        masks.append(alive.astype(np.int64))
         all_logits.append(logits)
         alive = alive & (tok != EOS)
         if not alive.any() or t == max_new_tokens - 1:
@@ -322,8 +321,8 @@ def generate(params, model_cfg, prompts, prompt_mask, max_new_tokens, rng, tempe
         key_mask[:, P + t] = 1  # the new token is a real key for what follows
         logits = decode_step(params, model_cfg, tokens[-1][:, None], next_pos[:, None] + t, kv, key_mask, P + t,
                              ops)[:, 0]
-    out = {"tokens": np.stack(tokens, 1), "logprobs": np.stack(logps, 1), "mask": np.stack(masks, 1)}
-    out["ended"] = (out["tokens"] == EOS).any(axis=1)
+    out = {"tokens": np.stack(tokens, 1), "logprobs": np.stack(logps, 1)}
+    out["mask"], out["ended"] = response_mask(out["tokens"]), (out["tokens"] == EOS).any(axis=1)
     if return_logits:
         out["logits"] = np.stack(all_logits, 1)
     return out

@@ -39,6 +39,7 @@ Templates score +1.5..+2.0 (preferred), +0.4..+0.7 (rambling), +0.5 (rude_correc
 The length penalty lets a length-biased annotator (below) pull a policy to long answers that lose gold.
 
 The annotator that judges responses by this gold score lives in annotator.py.
+`verify` is the world's rule for what it can check, an arithmetic answer: 1.0 for a right sum, 0.0 otherwise.
 
 A response is a (text, ended) pair, a bare string meaning ended = True. Empty text is a valid response (a
 policy may emit EOS at once) scoring -2.5; `check_response`, for hand-written data, rejects it. Characters
@@ -346,3 +347,16 @@ def format_behaviour_table(metrics):
         lines.append(f"{family:<11} {HEADLINE.get(family, 'preferred behaviour'):<25} {m['count']:>5} "
                      f"{m['preferred_rate']:>5.2f} {m['mean_gold']:>+6.2f}  {detail}".rstrip())
     return "\n".join(lines)
+
+
+def verify(prompt, response, ended=True):
+    """The world's check by rule, for the one family it can check: an arithmetic response gets 1.0 when it
+    states at least one number, every number it states is the right sum, and it is well formed (ended with
+    EOS, not empty, mostly real words: not gibberish); else 0.0, so a response with no number gets 0.0 and so
+    does one without EOS. Tone and length are not checked: "ugh, it is 5." gets 1.0. The other families have
+    no rule to check: ValueError naming the family."""
+    p = get_prompt(prompt)
+    if p.family != "arithmetic":
+        raise ValueError(f"verify cannot check the {p.family!r} family (prompt {p.text!r}): only arithmetic has a "
+                         f"rule (the right sum)")
+    return 1.0 if _judge(p, response, ended)[0] in ("correct", "rude_correct") else 0.0

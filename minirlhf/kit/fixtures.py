@@ -28,12 +28,14 @@ import zlib
 
 import numpy as np
 
-from .gradcheck import assert_close
+from .gradcheck import assert_close, worst
 from .inputs import FIXTURE_MODEL
-from .registry import CONVENTIONS, FUNCTIONS, offsets, reference
+from .mistakes import diagnose
+from .reference import offsets
+from .registry import CONVENTIONS, FUNCTIONS, names_with_a_fixture, reference
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")  # the shipped set
-FIXTURES = [name for name, entry in FUNCTIONS.items() if entry.inputs is not None]
+FIXTURES = names_with_a_fixture()
 
 
 def _flat(prefix, value):
@@ -62,7 +64,7 @@ def build(name):
         arrays.update(_flat(f"in.{arg}", x))
     forward, vjp = reference(name)
     out, grads, where = forward(**inputs), {}, None
-    if name == "ppo_minibatch":
+    if name == "ppo_minibatch":  # its vjp ignores dout: the gradients of loss_policy + loss_value
         grads = vjp(None, **inputs)
     elif vjp is not None:
         dout = r.standard_normal(np.shape(out))  # a random upstream gradient, not ones
@@ -120,24 +122,35 @@ def load(path):
 def compare(path, forward, vjp=None, tol=1e-10):
     """Check a port against one fixture: output (and gradients, given vjp) within tol (1 + |expected|).
 
-    Returns {"out": error, "grad.<arg>[:<key>]": error, ...} with error = max |a - b| / (1 + |b|).
+    Returns {"out": error, "grad.<arg>[:<key>]": error, ...} with error = max |a - b| / (1 + |b|). A mismatch
+    raises AssertionError naming the fixture, minirlhf's function, the conventions the fixture pins, the
+    array and its worst element (index, the port's value, minirlhf's), whether a NaN or inf was involved,
+    and any known porting mistake (mistakes.py) the port's output matches.
     """
+    name = os.path.splitext(os.path.basename(path))[0]
+    entry = FUNCTIONS.get(name)
     inputs, out, dout, grads, where = load(path)
     errors, got = {}, forward(**inputs)
     pairs = [("out", got, out)] if not isinstance(out, dict) else [(f"out.{k}", got[k], out[k]) for k in out]
     if vjp is not None and grads:
         g = vjp(dout, **inputs)  # ppo_minibatch has no dout: its gradients are of loss_policy + loss_value
-        for name, expected in grads.items():
+        for arg, expected in grads.items():
             if isinstance(expected, dict):
-                pairs += [(f"grad.{name}:{k}", g[name][k], e) for k, e in expected.items()]
+                pairs += [(f"grad.{arg}:{k}", g[arg][k], e) for k, e in expected.items()]
             else:
-                pairs.append((f"grad.{name}", g[name], expected))
+                pairs.append((f"grad.{arg}", g[arg], expected))
     for label, a, e in pairs:
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
         if label == "out" and where is not None:
             a, e = a[where], e[where]
-        assert_close(a, e, tol, f"{os.path.basename(path)} {label}")
-        errors[label] = float(np.max(np.abs(a - e) / (1 + np.abs(e)), initial=0.0))
+        try:
+            assert_close(a, e, tol, f"{os.path.basename(path)} {label}")
+        except AssertionError as err:
+            pins = f" (minirlhf.{entry.function}; pins {', '.join(entry.conventions)})" if entry else ""
+            found = diagnose(name, inputs, got, FIXTURE_MODEL) if entry and label.startswith("out") else []
+            hint = f"; the port's output matches a known mistake: {'; '.join(found)}" if found else ""
+            raise AssertionError(f"{err}{pins}{hint}") from None
+        errors[label] = worst(a, e)[3]
     return errors
 
 

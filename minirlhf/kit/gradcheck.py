@@ -121,11 +121,36 @@ def vjp_errors(forward, vjp, inputs, wrt, tol, seed=0, where=None, max_entries=N
     return errors
 
 
+EPS64 = float(np.finfo(np.float64).eps)  # 2.2e-16: the rounding unit every tolerance below is a multiple of
+
+
+def rounding_tol(n_terms, magnitude=1.0):
+    """A bound on the rounding difference of two float64 computations of one quantity that sum n_terms
+    terms of size up to magnitude in different orders or forms: 16 eps per term (well above the 1 eps
+    a term's rounding and the sum's add, so two correct implementations never differ by more)."""
+    return 16.0 * EPS64 * max(1, n_terms) * max(1.0, magnitude)
+
+
+def worst(actual, expected):
+    """(index, actual, expected, error) of the largest |a - e| / (1 + |e|), NaN and inf counting as infinite."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = np.where(a == e, 0.0, np.abs(a - e) / (1 + np.abs(e)))  # equal infinities agree; NaN never does
+    err = np.where(np.isfinite(err), err, np.inf)
+    if a.size == 0:
+        return (), None, None, 0.0
+    i = np.unravel_index(int(np.argmax(err)), err.shape)
+    return tuple(int(k) for k in i), float(a[i]), float(e[i]), float(err[i])
+
+
 def assert_close(actual, expected, tol, what):
-    """|actual - expected| <= tol (1 + |expected|) everywhere, shapes equal, no NaN."""
+    """|actual - expected| <= tol (1 + |expected|) everywhere and shapes equal; AssertionError naming the worst
+    element (its index, both values, the error) and whether a NaN or inf was involved."""
     a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     if a.shape != e.shape:
         raise AssertionError(f"{what}: shape {a.shape}, expected {e.shape}")
-    err = np.nan_to_num(np.abs(a - e) / (1 + np.abs(e)), nan=np.inf)
-    if a.size and not err.max() <= tol:
-        raise AssertionError(f"{what}: off by {err.max():.3g} (relative to 1 + |expected|), tolerance {tol:g}")
+    index, got, want, err = worst(a, e)
+    if a.size and not err <= tol:
+        nonfinite = "" if np.isfinite(got) and np.isfinite(want) else " (a NaN or inf is involved)"
+        raise AssertionError(f"{what}: at index {index} got {got:.10g}, expected {want:.10g}; off by {err:.3g} "
+                             f"relative to 1 + |expected|, tolerance {tol:g}{nonfinite}")
