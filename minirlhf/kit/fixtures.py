@@ -119,8 +119,9 @@ def load(path):
     return parts["in"], out, arrays.get("dout"), parts["grad"], arrays.get("where.out")
 
 
-def compare(path, forward, vjp=None, tol=1e-10):
-    """Check a port against one fixture: output (and gradients, given vjp) within tol (1 + |expected|).
+def compare(path, forward, vjp=None, tol=None):
+    """Check a port against one fixture: output (and gradients, given vjp) within tol (1 + |expected|), by
+    default the fixture's own (registry.Entry.tol: 1e-10, less for elementwise losses).
 
     Returns {"out": error, "grad.<arg>[:<key>]": error, ...} with error = max |a - b| / (1 + |b|). A mismatch
     raises AssertionError naming the fixture, minirlhf's function, the conventions the fixture pins, the
@@ -129,6 +130,7 @@ def compare(path, forward, vjp=None, tol=1e-10):
     """
     name = os.path.splitext(os.path.basename(path))[0]
     entry = FUNCTIONS.get(name)
+    tol = tol if tol is not None else entry.tol if entry else 1e-10
     inputs, out, dout, grads, where = load(path)
     errors, got = {}, forward(**inputs)
     pairs = [("out", got, out)] if not isinstance(out, dict) else [(f"out.{k}", got[k], out[k]) for k in out]

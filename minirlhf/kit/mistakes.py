@@ -225,7 +225,8 @@ MISTAKES = {
 
 def _ranking_flat(rewards, valid, margin, center_coef):
     K = rewards.shape[1]
-    pairs = [(x[i], x[j]) for x, ok in zip(rewards, valid) for i in range(K) for j in range(i + 1, K) if ok[i] and ok[j]]
+    pairs = [(x[i], x[j]) for x, ok in zip(rewards, valid) for i in range(K) for j in range(i + 1, K)
+             if ok[i] and ok[j]]
     return np.mean([np.logaddexp(0, -(a - b - margin)) + center_coef * (a + b) ** 2 for a, b in pairs])
 
 

@@ -185,10 +185,11 @@ def value_loss_inputs(r, off):
 
 
 def bt_inputs(r, off):
-    chosen, rejected = r.standard_normal(4) + 0.1, r.standard_normal(4) - 0.1
-    # d = +32 and d = -20.25 (the margin included): log-sigmoid's tails, one just past the threshold 20 beyond
-    # which torch's softplus returns its input (its gradient there is 1, against 1 - 1.6e-9)
-    chosen[:2], rejected[:2] = (30.0, -19.75), (-2.5, 0.0)
+    chosen, rejected = r.standard_normal(5) + 0.1, r.standard_normal(5) - 0.1
+    # d = +32, -20.25 and -800 (the margin included): log-sigmoid's tails, one just past the threshold 20
+    # beyond which torch's softplus returns its input (its gradient there is 1, against 1 - 1.6e-9), one where
+    # sigmoid(d) underflows to 0 in float64 (as it does below -88 in float32) and log(sigmoid(d)) is -inf
+    chosen[:3], rejected[:3] = (30.0, -19.75, -799.5), (-2.5, 0.0, 0.0)
     return {"r_chosen": chosen, "r_rejected": rejected, "margin": 0.5, "center_coef": 0.05}
 
 
