@@ -206,6 +206,81 @@ def ppo_minibatch_pair(cfg):
     return forward, vjp
 
 
+def kit_ports(model_cfg):
+    """{registry name: (forward, vjp)} of the functions this port provides, for a model of model_cfg: what the
+    conformance kit checks and the fixtures compare (and what python -m minirlhf.kit.stress --port runs)."""
+    return {"transformer": model_pair(model_cfg, None), "value_model": model_pair(model_cfg, "value"),
+            "token_logprobs": pair(token_logprobs, ["logits"]), "policy_loss": pair(policy_loss, ["logp"]),
+            "value_loss": pair(value_loss, ["values"]), "bt_loss": pair(bt_loss, ["r_chosen", "r_rejected"]),
+            "ppo_minibatch": ppo_minibatch_pair(model_cfg)}
+
+
+# ---------------------------------------------------------------- exact.py's protocol (python -m minirlhf.exact --port)
+
+def _exact_model():
+    from minirlhf.exact import EXACT_MODEL
+    return EXACT_MODEL
+
+
+def _sequence(tokens, mask):
+    """BOS y_1 .. y_H and its mask, as tensors."""
+    bos = np.ones((len(tokens), 1), np.int64)  # BOS = 1
+    return (torch.from_numpy(np.hstack([bos, tokens])), torch.from_numpy(np.hstack([np.ones_like(bos), mask])))
+
+
+def _response_logprobs(model, cfg, tokens, mask, temperature):
+    seq, seq_mask = _sequence(tokens, mask)
+    logits = logits_of(model, cfg, seq, seq_mask)[:, :-1]  # position t predicts token t + 1
+    return token_logprobs(logits, torch.from_numpy(tokens), temperature) * torch.from_numpy(mask)
+
+
+def logprobs(params, tokens, mask, temperature):
+    cfg = _exact_model()
+    model = build(cfg)
+    load(model, cfg, params)
+    with torch.no_grad():
+        return _response_logprobs(model, cfg, np.asarray(tokens), np.asarray(mask), temperature).numpy()
+
+
+def sample(params, n, seed, temperature):
+    """n responses to BOS by full forward passes at the temperature, at most H tokens, PAD after EOS."""
+    from minirlhf.exact import H
+    cfg, gen = _exact_model(), torch.Generator().manual_seed(seed)
+    model = build(cfg)
+    load(model, cfg, params)
+    seq, alive = torch.ones((n, 1), dtype=torch.long), torch.ones(n, dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(H):
+            logits = logits_of(model, cfg, seq, torch.ones_like(seq))[:, -1]
+            tok = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=gen)[:, 0]
+            tok = torch.where(alive, tok, torch.zeros_like(tok))
+            seq = torch.cat([seq, tok[:, None]], 1)
+            alive = alive & (tok != 2)  # EOS = 2
+    tokens = seq[:, 1:].numpy()
+    eos_before = np.cumsum(tokens == 2, 1) - (tokens == 2)
+    return tokens, (eos_before == 0).astype(np.int64)
+
+
+def kl_estimators(logp, logp_ref, mask):
+    log_r = torch.where(torch.from_numpy(mask) > 0, torch.from_numpy(logp_ref - logp), 0.0)
+    return {"k1": (-log_r).numpy(), "k2": (0.5 * log_r ** 2).numpy(), "k3": (torch.expm1(log_r) - log_r).numpy()}
+
+
+def policy_gradient(params, reference, tokens, mask, scores, kl_coef, temperature):
+    """REINFORCE with k1 in the reward: (1/N) sum (R - kl_coef sum_t k1) grad log pi(y), by autograd."""
+    cfg = _exact_model()
+    model, ref = build(cfg), build(cfg)
+    load(model, cfg, params)
+    load(ref, cfg, reference)
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    logp = _response_logprobs(model, cfg, tokens, mask, temperature)
+    with torch.no_grad():
+        k1 = (logp - _response_logprobs(ref, cfg, tokens, mask, temperature)).sum(1)
+    weight = (torch.from_numpy(np.asarray(scores, np.float64)) - kl_coef * k1) / len(tokens)
+    (weight * logp.sum(1)).sum().backward()
+    return grads_of(model, cfg, {})
+
+
 # ---------------------------------------------------------------- checking it
 
 def main(argv=None):
@@ -224,10 +299,8 @@ def main(argv=None):
     from minirlhf.kit.inputs import KIT_MODEL as TINY, tiny_model
     from minirlhf.kit.registry import check as kit_check
     torch.set_num_threads(1)
-    ported = {"transformer": model_pair(TINY, None), "value_model": model_pair(TINY, "value"),
-              "token_logprobs": pair(token_logprobs, ["logits"]), "policy_loss": pair(policy_loss, ["logp"]),
-              "value_loss": pair(value_loss, ["values"]), "bt_loss": pair(bt_loss, ["r_chosen", "r_rejected"])}
-    checks = {name: kit_check(name) for name in ported}
+    ported = kit_ports(TINY)
+    checks = {name: kit_check(name) for name in ported if name != "ppo_minibatch"}
     result, failed = {"kit": {}, "fixtures": {}, "direct": {}}, []
     for name, check in checks.items():
         try:
@@ -238,11 +311,10 @@ def main(argv=None):
             failed.append(f"kit {name}: {e}")
             print(f"kit      {name:15s} | FAILED: {str(e).splitlines()[0]}")
     with open(os.path.join(args.fixtures, "index.json")) as f:
-        fcfg = tf.GPTConfig(**json.load(f)["config"])
-    on_fixture_cfg = {"transformer": model_pair(fcfg, None), "ppo_minibatch": ppo_minibatch_pair(fcfg)}
-    for name in ("transformer", "token_logprobs", "policy_loss", "value_loss", "bt_loss", "ppo_minibatch"):
+        on_fixture_cfg = kit_ports(tf.GPTConfig(**json.load(f)["config"]))
+    for name in on_fixture_cfg:
         try:
-            errors = FX.compare(os.path.join(args.fixtures, f"{name}.npz"), *(on_fixture_cfg.get(name) or ported[name]))
+            errors = FX.compare(os.path.join(args.fixtures, f"{name}.npz"), *on_fixture_cfg[name])
             result["fixtures"][name] = max(errors.values())
             print(f"fixture  {name:15s} | {len(errors):2d} arrays     | worst max |a - b| / (1 + |b|) "
                   f"{max(errors.values()):.1e}")
@@ -265,6 +337,13 @@ def main(argv=None):
           f"|diff| / max |grad| per parameter {rel_grads:.1e}")
     if abs_logits > 1e-10 or rel_grads > 1e-10:
         failed.append("direct agreement worse than 1e-10")
+    from minirlhf.exact import check_port
+    result["exact"] = check_port(sys.modules[__name__])  # this file is also a port for exact.py's protocol
+    for name, r in result["exact"].items():
+        print(f"exact    {name:36s} | {'ok' if r['ok'] else 'FAILED'} | "
+              + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k != "ok"))
+        if not r["ok"]:
+            failed.append(f"exact {name}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

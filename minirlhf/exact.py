@@ -134,9 +134,9 @@ def ppo_weights(world, w, values, lam):
     return -dlogp * mask.sum() * w[:, None]
 
 
-def flat(grads):
-    """A parameter dict as one vector, in the fixed order of its keys."""
-    return np.concatenate([g.ravel() for g in grads.values()])
+def flat(grads, order=None):
+    """A parameter dict as one vector, in the order of its keys (or of the keys of `order`)."""
+    return np.concatenate([np.asarray(grads[k]).ravel() for k in (order if order is not None else grads)])
 
 
 def per_response(world, weights_fn):
@@ -206,11 +206,106 @@ def report(seed=0, sizes=(100, 1000, 10000, 100000), temperature=1.0):
     return out
 
 
+# ---------------------------------------------------------------- a port's estimators against exact expectations
+
+PORT_PROTOCOL = """A port provides any of these functions (a Python file that defines them, given to --port), on the
+tiny model EXACT_MODEL (vocab 4: PAD, BOS, EOS and one text token; 1 layer, 2 heads, n_embd 8), parameters
+by minirlhf's names (transformer.py), responses to the prompt BOS of at most H = 3 tokens, 0 / PAD after EOS:
+  sample(params, n, seed, temperature) -> (tokens, mask)     n sampled responses, (n, H) each
+  logprobs(params, tokens, mask, temperature) -> (S, H)      log pi(y_t | BOS, y_<t) at tau, 0 at padding
+  kl_estimators(logp, logp_ref, mask) -> {"k1", "k2", "k3"}  per-token estimators, (S, H) each
+  policy_gradient(params, reference, tokens, mask, scores, kl_coef, temperature) -> {name: gradient}
+      the port's estimate of grad J (the ascent direction) from a batch of responses with their scores R(y):
+      an average over the batch of one term per response, as REINFORCE with k1 in the reward is (a PPO port:
+      its loss's gradient at ratio 1, negated and times the batch's tokens over its responses)."""
+
+
+def check_port(port, seed=0, temperatures=(1.0, 0.7), n=20000, alpha=1e-6):
+    """{check: result} of a port's functions (PORT_PROTOCOL) against exact expectations at each temperature:
+    the sampler's law (chi-square at level alpha over every response), the log-probs of every response, the
+    exact means of the summed KL estimators (k1 and k3 unbiased for the KL, k2 not), and the exact mean of
+    the policy-gradient estimator against grad J. Each result: {"ok", what was measured}."""
+    policy, reference = models(seed)
+    results = {}
+    for tau in temperatures:
+        world = enumerate_all(policy, reference, temperature=tau)
+        tokens, mask, p = world["tokens"], world["mask"], world["p"]
+        if hasattr(port, "sample"):
+            t, m = (np.asarray(x) for x in port.sample(policy, n, seed + 2, tau))
+            index = {tuple(row[r > 0]): i for i, (row, r) in enumerate(zip(tokens, mask))}
+            counts = np.bincount([index[tuple(row[r > 0])] for row, r in zip(t, m)], minlength=len(p))
+            pvalue = float(stats.chisquare(counts, p * n).pvalue)
+            results[f"sampler law, tau {tau}"] = {"ok": pvalue > alpha, "chi2_pvalue": pvalue}
+        logp, logp_ref = world["logp"], world["logp_ref"]
+        if hasattr(port, "logprobs"):
+            theirs = np.asarray(port.logprobs(policy, tokens, mask, tau))
+            err = float(np.abs(np.where(mask > 0, theirs - logp, 0)).max())
+            results[f"log-probs, tau {tau}"] = {"ok": err < 1e-10, "max_abs_error": err}
+        if hasattr(port, "kl_estimators"):
+            ours = kl_estimators(logp, logp_ref, mask)
+            k = port.kl_estimators(logp=logp, logp_ref=logp_ref, mask=mask)
+            for name in ("k1", "k2", "k3"):
+                mean = float(p @ np.where(mask > 0, np.asarray(k[name]), 0).sum(1))
+                expected = float(p @ ours[name + "_sum"])  # k1, k3: the KL itself; k2: its known bias
+                results[f"{name} mean, tau {tau}"] = {"ok": abs(mean - expected) < 1e-12, "exact_mean": mean,
+                                                      "kl": world["kl"], "bias": mean - world["kl"]}
+        if hasattr(port, "policy_gradient"):
+            g = flat(exact_gradient(world))
+            F = np.stack([flat(port.policy_gradient(policy, reference, tokens[s:s + 1], mask[s:s + 1],
+                                                    world["scores"][s:s + 1], world["kl_coef"], tau), order=policy)
+                          for s in range(len(p))])
+            bias = float(np.linalg.norm(p @ F - g) / np.linalg.norm(g))
+            results[f"policy gradient mean, tau {tau}"] = {"ok": bias < 1e-9, "relative_bias": bias}
+    return results
+
+
+def minirlhf_port():
+    """minirlhf itself in PORT_PROTOCOL, the reference a port is measured against (and a test of the check)."""
+    from types import SimpleNamespace
+
+    def sample_tokens(params, n, seed, temperature):
+        idx = sample(params, EXACT_MODEL, n, np.random.default_rng(seed), temperature)
+        tokens, mask, _ = responses()
+        return tokens[idx], mask[idx]
+
+    def policy_gradient(params, reference, tokens, mask, scores, kl_coef, temperature):
+        logp, caches = token_logprobs(params, EXACT_MODEL, tokens, mask, temperature)
+        logp_ref, _ = token_logprobs(reference, EXACT_MODEL, tokens, mask, temperature)
+        k1 = kl_estimators(logp, logp_ref, mask)["k1_sum"]
+        return backprop(((scores - kl_coef * k1) / len(tokens))[:, None] * mask, caches)
+    return SimpleNamespace(sample=sample_tokens, policy_gradient=policy_gradient,
+                           logprobs=lambda params, tokens, mask, temperature: token_logprobs(
+                               params, EXACT_MODEL, tokens, mask, temperature)[0],
+                           kl_estimators=lambda logp, logp_ref, mask: {k: v for k, v in kl_estimators(
+                               logp, logp_ref, mask).items() if k in ("k1", "k2", "k3")})
+
+
+def load_port(path):
+    """The module a port's file defines (importlib), for check_port."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("minirlhf_port_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Exact KL and policy gradient by enumeration, and the estimators.")
+    ap = argparse.ArgumentParser(prog="python -m minirlhf.exact", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="Exact KL and policy gradient by enumeration, and the estimators; "
+                                             "with --port, a port's estimators against them.\n\n" + PORT_PROTOCOL)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--port", help="a Python file defining the port's functions (the protocol above)")
     args = ap.parse_args(argv)
+    if args.port:
+        results = check_port(load_port(args.port), args.seed)
+        for name, r in results.items():
+            print(f"{'ok    ' if r['ok'] else 'FAILED'} {name:36s} " + ", ".join(
+                f"{k} {v:.3g}" for k, v in r.items() if k != "ok"))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return 0 if all(r["ok"] for r in results.values()) else 1
     r = report(args.seed)
     print(f"{r['S']} responses | exact KL {r['kl_exact']:.6f} | objective {r['objective']:+.6f} | "
           f"sampler chi-square p {r['sampler_chi2_pvalue']:.3f}")
@@ -229,4 +324,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -118,3 +118,29 @@ def test_ppo_estimate_on_a_sampled_batch_equals_the_count_weighted_one(world):
     F = E.per_response(world, lambda w: E.ppo_weights(world, w, values, 0.95))
     counted = np.bincount(idx, minlength=len(F)) @ F / len(idx)
     assert rel_error(direct, counted) < 1e-9
+
+
+def test_a_port_plugs_into_exact_and_its_biased_estimators_are_caught():
+    """check_port on minirlhf itself passes everything; ports with one bug each fail the check that sees it:
+    a sampler that ignores the temperature, log-probs without it, k3 with its ratio upside down, and a
+    policy gradient with k3 in the reward (biased: exact.py's docstring)."""
+    from types import SimpleNamespace
+    good = E.minirlhf_port()
+    results = E.check_port(good, n=4000)
+    assert all(r["ok"] for r in results.values()), results
+    assert results["k2 mean, tau 0.7"]["bias"] > 0.01  # k2's bias is measured, and expected
+
+    def k3_in_reward(params, reference, tokens, mask, scores, kl_coef, temperature):
+        logp, caches = E.token_logprobs(params, E.EXACT_MODEL, tokens, mask, temperature)
+        logp_ref, _ = E.token_logprobs(reference, E.EXACT_MODEL, tokens, mask, temperature)
+        k3 = kl.kl_estimators(logp, logp_ref, mask)["k3_sum"]
+        return E.backprop(((scores - kl_coef * k3) / len(tokens))[:, None] * mask, caches)
+    bugs = {"sampler law, tau 0.7": {"sample": lambda params, n, seed, temperature: good.sample(params, n, seed, 1.0)},
+            "log-probs, tau 0.7": {"logprobs": lambda params, tokens, mask, temperature: good.logprobs(
+                params, tokens, mask, 1.0)},
+            "k3 mean, tau 1.0": {"kl_estimators": lambda logp, logp_ref, mask: {
+                **good.kl_estimators(logp, logp_ref, mask), "k3": good.kl_estimators(logp_ref, logp, mask)["k3"]}},
+            "policy gradient mean, tau 1.0": {"policy_gradient": k3_in_reward}}
+    for failing, functions in bugs.items():
+        out = E.check_port(SimpleNamespace(**functions), n=4000)
+        assert not out[failing]["ok"], (failing, out[failing])

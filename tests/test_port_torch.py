@@ -16,8 +16,9 @@ def test_torch_port_agrees_with_minirlhf(tmp_path):
     run = subprocess.run([sys.executable, SCRIPT, "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "all checks passed" in run.stdout, run.stdout + run.stderr
     result = json.loads(out.read_text())
-    assert set(result["fixtures"]) == {"transformer", "token_logprobs", "policy_loss", "value_loss", "bt_loss",
-                                       "ppo_minibatch"}
+    assert set(result["fixtures"]) == {"transformer", "value_model", "token_logprobs", "policy_loss", "value_loss",
+                                       "bt_loss", "ppo_minibatch"}
+    assert result["exact"] and all(r["ok"] for r in result["exact"].values())  # exact.py's protocol, plugged in
     assert max(result["fixtures"].values()) < 1e-10
     assert result["direct"]["logits_max_abs_diff"] < 1e-10 and result["direct"]["grads_max_diff_over_max_grad"] < 1e-10
     assert max(result["kit"].values()) < 1e-5
