@@ -18,6 +18,7 @@ from itertools import combinations
 import numpy as np
 from scipy.special import expit
 
+from . import validate as V
 from .world import get_prompt, gold
 
 # ----------------------------------------------------------------------------- the simulated annotator
@@ -28,8 +29,8 @@ class AnnotatorConfig:
     length_bias: float = 0.0  # utility added per character of response (0.05 = +0.5 per 10 characters)
 
     def __post_init__(self):
-        if not self.temperature > 0:
-            raise ValueError(f"annotator temperature must be > 0, got {self.temperature}")
+        V.number("AnnotatorConfig", "temperature", self.temperature, low=0, low_open=True)
+        V.number("AnnotatorConfig", "length_bias", self.length_bias)
 
 
 def utility(prompt, response, annotator):

@@ -61,6 +61,7 @@ from scipy.special import expit
 
 from . import layers as L
 from . import transformer as tf
+from . import validate as V
 from .annotator import to_pairs
 from .optim import AdamWConfig, adamw_init, adamw_step, lr_schedule
 from .sft import make_batch
@@ -218,11 +219,14 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
         if not (np.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"DPOConfig.beta must be finite and > 0, got {self.beta}")
-        if min(self.steps, self.batch_size, self.log_every) < 1 or not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"DPOConfig: need steps, batch_size, log_every >= 1 and 0 <= warmup_steps < steps, "
-                             f"got {self}")
-        if not (self.lr >= 0 and self.weight_decay >= 0):
-            raise ValueError(f"DPOConfig: lr and weight_decay must be >= 0, got {self}")
+        for name in ("steps", "batch_size", "log_every"):
+            V.count("DPOConfig", name, getattr(self, name))
+        V.count("DPOConfig", "warmup_steps", self.warmup_steps, minimum=0)
+        if not self.warmup_steps < self.steps:
+            raise ValueError(f"DPOConfig: need warmup_steps < steps, got {self.warmup_steps} and {self.steps}")
+        V.number("DPOConfig", "lr", self.lr, low=0)
+        V.number("DPOConfig", "weight_decay", self.weight_decay, low=0)
+        V.number("DPOConfig", "max_grad_norm", self.max_grad_norm, low=0, low_open=True)
 
 
 def train_dpo(policy, reference, pairs, dpo_cfg, rng, log=print):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import validate as V
 from .layers import log_softmax
 from .tokenizer import last_real_index
 
@@ -122,12 +123,9 @@ class KLControllerConfig:
     horizon: int = 10000  # adaptive only: rollouts over which a KL error is corrected (Ziegler: 10000)
 
     def __post_init__(self):
-        if not (np.isfinite(self.kl_coef) and self.kl_coef >= 0):
-            raise ValueError(f"kl_coef must be finite and >= 0, got {self.kl_coef}")
-        if not (np.isfinite(self.target) and self.target > 0):
-            raise ValueError(f"target must be finite and > 0, got {self.target}")
-        if not self.horizon > 0:
-            raise ValueError(f"horizon must be > 0, got {self.horizon}")
+        V.number("KLControllerConfig", "kl_coef", self.kl_coef, low=0)
+        V.number("KLControllerConfig", "target", self.target, low=0, low_open=True)
+        V.count("KLControllerConfig", "horizon", self.horizon)
 
 
 def update_kl_coef(kl_coef, kl, n_steps, config):

@@ -168,11 +168,24 @@ def attention_backward(dout, cache):
 
 # ---------------------------------------------------------------- losses and log-probs on logits
 
+def check_targets(logits, targets):
+    """ValueError unless targets is an integer array of the logits' leading shape with ids in [0, V)."""
+    targets = np.asarray(targets)
+    V = np.shape(logits)[-1]
+    if targets.shape != np.shape(logits)[:-1] or not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"targets must be integer ids of shape {np.shape(logits)[:-1]}, got {targets.dtype} "
+                         f"{targets.shape}")
+    if targets.size and (targets.min() < 0 or targets.max() >= V):
+        raise ValueError(f"target id {int(targets[(targets < 0) | (targets >= V)][0])} is outside [0, {V})")
+    return targets
+
+
 def cross_entropy_forward(logits, targets, mask):
     """Mean of -log softmax(logits)[target] over positions with mask 1.
 
     logits: (B, T, V), targets: (B, T) ints, mask: (B, T) 0/1. cache: p, targets, mask, N_valid.
     """
+    targets = check_targets(logits, targets)
     n_valid = float(mask.sum())
     if n_valid == 0:
         raise ValueError("cross_entropy: the mask has no valid position")
@@ -195,6 +208,7 @@ def token_logprobs_forward(logits, targets, temperature=1.0):
 
     The same tau is used when sampling, so scored and sampled distributions agree. cache: p, targets, tau.
     """
+    targets = check_targets(logits, targets)
     logp = log_softmax(logits / temperature)
     picked = np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return picked, (np.exp(logp), targets, temperature)
@@ -209,14 +223,17 @@ def token_logprobs_backward(dlogp, cache):
 
 
 def entropy_forward(logits, temperature=1.0):
-    """Entropy of softmax(logits / tau) at every position: (B, T, V) -> (B, T). cache: p, logp, H, tau."""
+    """Entropy of softmax(logits / tau) at every position: (B, T, V) -> (B, T). cache: p, logp, H, tau.
+
+    A logit of -inf (a token ruled out) has p = 0 and adds 0: 0 log 0 is taken as its limit, 0."""
     logp = log_softmax(logits / temperature)
     p = np.exp(logp)
-    H = -(p * logp).sum(axis=-1)
+    plogp = np.where(p > 0, p * np.where(p > 0, logp, 0), 0)
+    H = -plogp.sum(axis=-1)
     return H, (p, logp, H, temperature)
 
 
 def entropy_backward(dH, cache):
-    """Undoes H = -sum_j p_j log p_j. Returns dlogits = -p (log p + H) / tau * dH."""
+    """Undoes H = -sum_j p_j log p_j. Returns dlogits = -p (log p + H) / tau * dH (0 where p = 0)."""
     p, logp, H, tau = cache
-    return -p * (logp + H[..., None]) * (dH[..., None] / tau).astype(p.dtype)
+    return -p * (np.where(p > 0, logp, 0) + H[..., None]) * (dH[..., None] / tau).astype(p.dtype)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import validate as V
+
 
 @dataclass(frozen=True)
 class AdamWConfig:
@@ -35,11 +37,13 @@ class AdamWConfig:
     max_grad_norm: float = 1.0  # global-norm clip; None or inf disables it
 
     def __post_init__(self):
-        if not (self.lr >= 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0
-                and self.weight_decay >= 0):
-            raise ValueError(f"invalid AdamWConfig {self}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        V.number("AdamWConfig", "lr", self.lr, low=0)
+        V.number("AdamWConfig", "beta1", self.beta1, low=0, high=1, high_open=True)
+        V.number("AdamWConfig", "beta2", self.beta2, low=0, high=1, high_open=True)
+        V.number("AdamWConfig", "eps", self.eps, low=0, low_open=True)
+        V.number("AdamWConfig", "weight_decay", self.weight_decay, low=0)
+        if self.max_grad_norm is not None and self.max_grad_norm != np.inf:
+            V.number("AdamWConfig", "max_grad_norm", self.max_grad_norm, low=0, low_open=True)
 
 
 def adamw_init(params):
@@ -97,9 +101,12 @@ def adamw_step(params, grads, state, cfg, lr=None):
 
 def lr_schedule(step, total_steps, peak_lr, warmup_steps=0):
     """Learning rate for 0-based `step`: linear warm-up over warmup_steps to peak_lr, then linear decay
-    to 0 at total_steps."""
+    to 0 at total_steps (the rate after the last step; a step past it is an error)."""
     if total_steps <= 0 or not 0 <= warmup_steps < total_steps:
         raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}")
+    if not 0 <= step <= total_steps:
+        raise ValueError(f"step must be in [0, total_steps={total_steps}], got {step}")
+    V.number("lr_schedule", "peak_lr", peak_lr, low=0)
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
-    return peak_lr * max(0.0, (total_steps - step) / (total_steps - warmup_steps))
+    return peak_lr * (total_steps - step) / (total_steps - warmup_steps)

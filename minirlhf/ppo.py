@@ -38,6 +38,7 @@ import numpy as np
 
 from . import layers as L
 from . import transformer as tf
+from . import validate as V
 from .kl import KLControllerConfig, exact_kl, kl_estimators, token_rewards, update_kl_coef
 from .optim import AdamWConfig, adamw_init, adamw_step, lr_schedule
 from .ppo_objective import (explained_variance, gae, policy_loss_backward, policy_loss_forward,
@@ -63,13 +64,20 @@ class PPOConfig:
     kl: KLControllerConfig = field(default_factory=KLControllerConfig)  # kl_coef: fixed or adaptive
 
     def __post_init__(self):
-        if min(self.updates, self.batch_size, self.minibatch_size, self.epochs) < 1:
-            raise ValueError(f"PPOConfig: counts must be >= 1, got {self}")
+        for name in ("updates", "batch_size", "minibatch_size", "epochs"):
+            V.count("PPOConfig", name, getattr(self, name))
         if self.batch_size % self.minibatch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of minibatch_size "
+            raise ValueError(f"PPOConfig: batch_size {self.batch_size} is not a multiple of minibatch_size "
                              f"{self.minibatch_size}")
-        if not (self.lr >= 0 and self.clip_eps > 0 and self.vf_clip_eps > 0):
-            raise ValueError(f"PPOConfig: lr >= 0, clip_eps and vf_clip_eps > 0 required, got {self}")
+        V.number("PPOConfig", "lr", self.lr, low=0)
+        V.number("PPOConfig", "max_grad_norm", self.max_grad_norm, low=0, low_open=True)
+        V.number("PPOConfig", "clip_eps", self.clip_eps, low=0, low_open=True)
+        V.number("PPOConfig", "vf_clip_eps", self.vf_clip_eps, low=0, low_open=True)
+        V.number("PPOConfig", "vf_coef", self.vf_coef, low=0)
+        V.number("PPOConfig", "gamma", self.gamma, low=0, high=1)
+        V.number("PPOConfig", "lam", self.lam, low=0, high=1)
+        if not isinstance(self.kl, KLControllerConfig):
+            raise ValueError(f"PPOConfig.kl must be a KLControllerConfig, got {self.kl!r}")
 
 
 # ---------------------------------------------------------------- the value model

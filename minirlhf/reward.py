@@ -38,6 +38,7 @@ import numpy as np
 from scipy.special import expit
 
 from . import transformer as tf
+from . import validate as V
 from .annotator import ceiling_accuracy, prefer_probability, scored_pairs
 from .optim import AdamWConfig, adamw_init, adamw_step, lr_schedule
 from .tokenizer import EOS, encode_example, last_real_index, pad_batch
@@ -147,6 +148,8 @@ def bt_loss_forward(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
     if r_chosen.shape != r_rejected.shape or r_chosen.ndim != 1 or r_chosen.size == 0:
         raise ValueError(f"chosen and rejected rewards must be 1-D of one non-zero size, got "
                          f"{r_chosen.shape} and {r_rejected.shape}")
+    V.finite_array("r_chosen", r_chosen), V.finite_array("r_rejected", r_rejected)
+    V.number("bt_loss", "margin", margin), V.number("bt_loss", "center_coef", center_coef, low=0)
     d = r_chosen - r_rejected - margin
     total = r_chosen + r_rejected
     loss = np.mean(np.logaddexp(0.0, -d)) + center_coef * np.mean(total * total)
@@ -171,7 +174,12 @@ def ranking_loss_forward(rewards, valid=None, margin=0.0, center_coef=0.0):
     rewards = np.asarray(rewards)
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be (B, K) with K >= 2, got shape {rewards.shape}")
-    valid = np.ones(rewards.shape, bool) if valid is None else np.asarray(valid, bool)
+    valid = np.ones(rewards.shape, bool) if valid is None else np.asarray(valid)
+    if valid.shape != rewards.shape or not np.isin(valid, (0, 1)).all():
+        raise ValueError(f"valid must be a 0/1 or bool array of the rewards' shape {rewards.shape}, got {valid.shape}")
+    valid = valid.astype(bool)
+    V.finite_array("rewards at valid slots", np.where(valid, rewards, 0))
+    V.number("ranking_loss", "margin", margin), V.number("ranking_loss", "center_coef", center_coef, low=0)
     rewards = np.where(valid, rewards, 0).astype(rewards.dtype)  # unscored slots may hold anything, even NaN
     K = rewards.shape[1]
     pair = np.triu(np.ones((K, K), bool), k=1) & valid[:, :, None] & valid[:, None, :]  # (B, K, K): i < j
@@ -210,9 +218,16 @@ class RewardConfig:
     eval_every: int = 50  # steps between validation evaluations (and log lines)
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"RewardConfig: need steps, batch_size, eval_every >= 1 and "
-                             f"0 <= warmup_steps < steps, got {self}")
+        for name in ("steps", "batch_size", "eval_every"):
+            V.count("RewardConfig", name, getattr(self, name))
+        V.count("RewardConfig", "warmup_steps", self.warmup_steps, minimum=0)
+        if not self.warmup_steps < self.steps:
+            raise ValueError(f"RewardConfig: need warmup_steps < steps, got {self.warmup_steps} and {self.steps}")
+        V.number("RewardConfig", "lr", self.lr, low=0)
+        V.number("RewardConfig", "weight_decay", self.weight_decay, low=0)
+        V.number("RewardConfig", "max_grad_norm", self.max_grad_norm, low=0, low_open=True)
+        V.number("RewardConfig", "margin", self.margin)
+        V.number("RewardConfig", "center_coef", self.center_coef, low=0)
 
 
 def ranked_batch(comparisons):
@@ -349,7 +364,8 @@ def train_reward_model(params, model_cfg, train, val, rm_cfg, annotator, rng, lo
 def fit_normalisation(params, model_cfg, prompts, responses):
     """The RewardModel whose scores of these (SFT-policy, ended) samples have mean 0 and std 1."""
     r = score(RewardModel(params, model_cfg), prompts, responses)
-    std = float(r.std())
-    if len(r) < 2 or not std > 0:
-        raise ValueError(f"cannot normalise over {len(r)} scores with std {std}")
+    std = float(r.std()) if len(r) else 0.0
+    if len(r) < 2 or not std > 1e-6 * (1 + float(np.abs(r).max())):  # rounding is not spread
+        raise ValueError(f"cannot normalise over {len(r)} scores that are all equal (std {std:.3g}): the "
+                         f"reward model scores every sample the same; train it on rankings of different samples")
     return RewardModel(params, model_cfg, gain=1.0 / std, bias=float(-r.mean() / std))

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import layers as L
 from . import transformer as tf
+from . import validate as V
 from .checkpoint import save_checkpoint
 from .optim import AdamWConfig, adamw_init, adamw_step, lr_schedule
 from .tokenizer import encode_example, pad_batch
@@ -37,10 +38,14 @@ class SFTConfig:
     eval_every: int = 50  # steps between validation-loss evaluations (and log lines)
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1:
-            raise ValueError(f"SFTConfig: steps, batch_size and eval_every must be >= 1, got {self}")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"SFTConfig: need 0 <= warmup_steps < steps, got {self.warmup_steps}")
+        for name in ("steps", "batch_size", "eval_every"):
+            V.count("SFTConfig", name, getattr(self, name))
+        V.count("SFTConfig", "warmup_steps", self.warmup_steps, minimum=0)
+        if not self.warmup_steps < self.steps:
+            raise ValueError(f"SFTConfig: need warmup_steps < steps, got {self.warmup_steps} and {self.steps}")
+        V.number("SFTConfig", "lr", self.lr, low=0)
+        V.number("SFTConfig", "weight_decay", self.weight_decay, low=0)
+        V.number("SFTConfig", "max_grad_norm", self.max_grad_norm, low=0, low_open=True)
 
 
 def make_batch(pairs):

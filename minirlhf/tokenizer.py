@@ -108,5 +108,7 @@ def response_mask(tokens):
     """(B, N) 0/1 mask of the response tokens of sampled rows: 1 up to and including a row's first EOS, 0 after
     it (a row without EOS is valid to its end). The mask every loss, KL and reward of a response covers."""
     tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be a 2-D integer array (B, N), got {tokens.dtype} {tokens.shape}")
     eos_before = np.cumsum(tokens == EOS, axis=1) - (tokens == EOS)  # EOS tokens strictly before each position
     return (eos_before == 0).astype(np.int64)

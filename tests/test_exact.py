@@ -144,3 +144,19 @@ def test_a_port_plugs_into_exact_and_its_biased_estimators_are_caught():
     for failing, functions in bugs.items():
         out = E.check_port(SimpleNamespace(**functions), n=4000)
         assert not out[failing]["ok"], (failing, out[failing])
+
+
+def test_the_sampler_law_check_pools_rare_responses_so_a_correct_sampler_passes():
+    """Under the null (counts drawn from the law itself) p-values are uniform, so at level 1e-3 about 0.3
+    of 300 draws fail. A law with 30 responses expected far fewer than 5 times breaks the unpooled test (one
+    draw of a response expected 0.01 times gives chi-square ~100); the pooled one keeps its level."""
+    rng = np.random.default_rng(0)
+    law = np.concatenate([rng.uniform(1, 2, 10), rng.uniform(1e-6, 1e-4, 30)])
+    law /= law.sum()
+    n = 20000
+    draws = rng.multinomial(n, law, size=300)
+    pooled = np.array([E.chi_square_p(c, law * n) for c in draws])
+    unpooled = np.array([stats.chisquare(c, law * n).pvalue for c in draws])
+    assert (pooled < 1e-3).sum() <= 3  # P(Binomial(300, 1e-3) > 3) = 2.6e-4
+    assert (unpooled < 1e-3).sum() > 10  # 29 here: the approximation the pooling repairs
+    assert E.check_port(E.minirlhf_port(), seed=5)["sampler law, tau 1.0"]["ok"]  # it failed here unpooled

@@ -76,5 +76,10 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert np.all(np.diff(lrs[2:]) < 0)
     assert lrs[10] == 0.0
     assert lr_schedule(0, 4, 1.0) == 1.0 and lr_schedule(3, 4, 1.0) == 0.25
-    with pytest.raises(ValueError):
-        lr_schedule(0, 5, 1.0, warmup_steps=5)
+    for bad in ({"step": 0, "total_steps": 5, "warmup_steps": 5}, {"step": 11, "total_steps": 10},
+                {"step": -1, "total_steps": 10}, {"step": 0, "total_steps": 0}):
+        with pytest.raises(ValueError, match="step"):
+            lr_schedule(peak_lr=1.0, **bad)
+    for peak in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="peak_lr"):
+            lr_schedule(0, 10, peak)

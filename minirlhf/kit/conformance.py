@@ -32,9 +32,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from scipy import stats
 from scipy.special import log_softmax
 
+from .. import exact
 from .. import transformer as tf
 from ..tokenizer import BOS, EOS
 from .gradcheck import MODEL_TOL, OP_TOL, assert_close, key_bias_zero, rounding_tol, vjp_errors
@@ -284,16 +284,9 @@ def _outcome_law(params, model_cfg, prompt, tau):
 
 
 def _chi_square_p(counts, law, n):
-    """The chi-square test's p-value of outcome counts against an exact law, cells with fewer than 5 expected
-    draws pooled into one (so the test's approximation holds)."""
-    cells = sorted(law, key=law.get)
-    expected = np.array([law[c] * n for c in cells])
-    observed = np.array([counts.get(c, 0) for c in cells], np.float64)
-    small = expected < 5
-    expected = np.append(expected[~small], expected[small].sum())
-    observed = np.append(observed[~small], observed[small].sum())
-    keep = expected > 0
-    return float(stats.chisquare(observed[keep], expected[keep] * observed[keep].sum() / expected[keep].sum()).pvalue)
+    """The chi-square p-value of outcome counts against an exact law (exact.chi_square_p: rare cells pooled)."""
+    cells = list(law)
+    return exact.chi_square_p([counts.get(c, 0) for c in cells], [law[c] * n for c in cells])
 
 
 @named("generate")

@@ -1,0 +1,36 @@
+"""The checks every config and entry point makes of its numbers, with one message per kind of mistake: a
+count that is not a whole number >= its minimum, a number that is NaN, infinite or out of its range. A bad
+value is refused where it is given, with a ValueError that names the field, before any work is done."""
+import math
+
+import numpy as np
+
+
+def count(owner, name, value, minimum=1):
+    """value as an int, or ValueError unless it is a whole number >= minimum (bools are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def number(owner, name, value, low=None, high=None, low_open=False, high_open=False):
+    """value as a float, or ValueError unless it is a finite real in [low, high] (open where asked)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value):
+        raise ValueError(f"{owner}.{name} must be a finite number, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        left = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        right = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{owner}.{name} must be {' and '.join(p for p in (left, right) if p)}, got {value!r}")
+    return float(value)
+
+
+def finite_array(name, x):
+    """ValueError unless every entry of x is finite; returns it as an array."""
+    x = np.asarray(x)
+    if not np.all(np.isfinite(x)):
+        where = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0]) if x.ndim else ()
+        raise ValueError(f"{name} holds a NaN or inf (at {where})")
+    return x
