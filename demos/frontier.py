@@ -1,4 +1,4 @@
-"""The reward-KL frontier: PPO, DPO and best-of-n from one SFT model and one preference set.
+"""The reward-KL frontier: PPO, DPO, best-of-n and the critic-free methods from one SFT model.
 
     python demos/frontier.py [--run runs/demo] [--json frontier.json] [--plot frontier.png] [--quick]
 
@@ -13,6 +13,12 @@ KL(policy || SFT), the price paid in drift from the reference:
             from the SFT model (fixed seed: the same kind of data the reward model was fitted to), several
             betas, the SFT model as the frozen reference.
   best-of-n minirlhf.best_of_n: n SFT samples, the reward model's favourite kept; several n.
+  GRPO, Dr. GRPO, DAPO, RLOO  minirlhf.grpo's presets against the same reward model (reward_model_source), at
+            several KL coefficients and group sizes G, each with PPO's budget of samples: ppo_updates updates of
+            PPO_BATCH completions (PPO_BATCH / G prompts of G each). A KL coefficient goes where the preset puts
+            it (GRPO: k3 in the loss; RLOO: k1 in the reward); Dr. GRPO and DAPO, which have none in their
+            papers, get GRPO's k3 in the loss when it is > 0. Samples are matched, not gradient steps: PPO
+            takes 16 per update (4 epochs of 4 minibatches), the presets 4 (RLOO's REINFORCE 1).
 
 Evaluation. PPO and DPO policies go through pipeline.compare_policies with one seed, so all of them answer
 the same prompts and are compared with the same SFT samples; KL is pipeline.policy_kl's exact KL along the sampled
@@ -22,6 +28,12 @@ its KL the plug-in measurement of minirlhf.best_of_n from the pooled samples of 
 to the analytic log n - (n - 1)/n, an upper bound here. PPO's kl_coef multiplies a KL in nats against a score
 in normalised reward units, DPO's beta against the reward model's raw (Bradley-Terry logit) units: the same
 trade-off is DPO beta = PPO kl_coef / gain, gain the reward model's normalisation gain (printed).
+
+Gao et al.'s functional forms (2022, arXiv 2210.10760) are fitted to each method's gold gain over SFT against
+d = sqrt(KL) with scipy.optimize.curve_fit: R(d) = d (alpha - beta d) for best-of-n, peak at d = alpha / 2 beta,
+and R(d) = d (alpha - beta log d) for the rest, peak at log d = alpha / beta - 1. With fewer than three points
+(or no convergence) a method gets no fit; R^2 and the RMSE say how well each form fits. The paper publishes no
+coefficients, so only shapes and peaks compare.
 
 Best-of-n pays for its gold at inference time (n samples and n reward-model scores per prompt), PPO and
 DPO once, in training; this script compares only gold against KL.
@@ -38,12 +50,17 @@ leads in both, by less than the noise. All three peak and then lose gold as the 
 the reward model or, for DPO, the preference set): best-of-n at n = 8-16, PPO at beta 0.15, DPO at its
 largest beta, 1; at beta 0.03 DPO ends below the SFT model with 9-25% of its answers broken. The
 measured best-of-n KL is below log n - (n-1)/n, 2.12 against 2.50 nats at n = 32: responses repeat.
+The critic-free methods have not been run at full length yet; only --quick, which measures nothing.
 """
 import time
+import warnings
+from dataclasses import replace
 
 import _common as C
 import numpy as np
+from scipy.optimize import OptimizeWarning, curve_fit
 
+from minirlhf import grpo
 from minirlhf import pipeline as P
 from minirlhf.best_of_n import evaluate_best_of_n
 from minirlhf.cli import non_negative_float, positive_float, positive_int
@@ -56,9 +73,12 @@ from minirlhf.world import behaviour, gold, sample_prompts
 # you leave unset from QUICK instead.
 DEFAULTS = {"labels": P.STEPS["default"]["labels"], "kl_coefs": [0.5, 0.15, 0.05, 0.02], "ppo_updates": 40,
             "dpo_betas": [1.0, 0.3, 0.1, 0.03], "dpo_steps": 300, "dpo_batch": 16, "dpo_lr": 1e-4,
-            "bon_ns": [1, 2, 4, 8, 16, 32], "eval_prompts": 400, "budgets": [0.25, 0.5, 1.0, 2.0, 4.0]}
+            "bon_ns": [1, 2, 4, 8, 16, 32], "eval_prompts": 400, "budgets": [0.25, 0.5, 1.0, 2.0, 4.0],
+            "cf_methods": ["grpo", "dr_grpo", "dapo", "rloo"], "cf_kl_coefs": [0.0, 0.05, 0.2], "group_sizes": [4, 8]}
 QUICK = {"labels": 24, "kl_coefs": [0.5, 0.05], "ppo_updates": 1, "dpo_betas": [1.0, 0.1], "dpo_steps": 3,
-         "dpo_batch": 8, "bon_ns": [1, 2, 4], "eval_prompts": 24, "budgets": [0.1, 1.0]}
+         "dpo_batch": 8, "bon_ns": [1, 2, 4, 8], "eval_prompts": 24, "budgets": [0.1, 1.0],
+         "cf_methods": ["grpo", "dr_grpo", "dapo", "rloo"], "cf_kl_coefs": [0.05], "group_sizes": [4]}
+CF_NAMES = {"grpo": "GRPO", "dr_grpo": "DrGRPO", "dapo": "DAPO", "rloo": "RLOO"}  # method labels of the points
 
 
 BROKEN = ("empty", "gibberish", "no_eos")  # behaviour labels of a response that is not an answer at all
@@ -117,6 +137,41 @@ def dpo_puzzle(history, window=20):
             for k in ("logps/chosen", "logps/rejected", "rewards/margins", "rewards/chosen", "rewards/accuracies")}
 
 
+def critic_free_config(method, group_size, kl_coef, updates):
+    """A preset of minirlhf.grpo at PPO's budget: updates x PPO_BATCH completions, PPO_BATCH / G prompts of G."""
+    cfg = grpo.ALGOS[method]
+    placement = cfg.kl_placement if kl_coef > 0 else "none"
+    if kl_coef > 0 and placement == "none":  # no KL in the paper: GRPO's k3 in the loss
+        placement = "loss"
+    return replace(cfg, updates=updates, group_size=group_size, prompts_per_update=max(1, P.PPO_BATCH // group_size),
+                   lr=P.PPO_LR, kl_coef=kl_coef, kl_placement=placement, kl_loss="k3")
+
+
+def gao_fit(points, sft_gold, form):
+    """Gao et al.'s form fitted to (d = sqrt(KL), gold - SFT gold): alpha, beta, the peak (d, KL, gold), R^2 and
+    RMSE; None where there are fewer than 3 points with KL > 0 or the fit fails."""
+    pts = [(np.sqrt(p["kl"]), p["gold"] - sft_gold) for p in points if p["kl"] > 1e-6]
+    if len(pts) < 3:
+        return None
+    d, y = np.array(pts).T
+    f = (lambda x, a, b: x * (a - b * x)) if form == "bon" else (lambda x, a, b: x * (a - b * np.log(x)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", OptimizeWarning)
+            (a, b), _ = curve_fit(f, d, y, p0=(1.0, 0.1), maxfev=10000)
+    except (RuntimeError, ValueError, OptimizeWarning):
+        return None
+    resid, spread = y - f(d, a, b), ((y - y.mean()) ** 2).sum()
+    peak = None  # beta <= 0: no peak; a peak at e^700 or beyond: none either
+    if b > 0 and (form == "bon" or a / b - 1 < 700):
+        peak = float(a / (2 * b)) if form == "bon" else float(np.exp(a / b - 1))
+    return {"form": form, "alpha": float(a), "beta": float(b), "n": len(pts),
+            "peak_d": peak, "peak_kl": None if peak is None else peak ** 2,
+            "peak_gold_gain": None if peak is None else float(f(peak, a, b)),
+            "r2": float(1 - (resid ** 2).sum() / spread) if spread > 0 else None,
+            "rmse": float(np.sqrt((resid ** 2).mean()))}
+
+
 def main(argv=None):
     ap = C.parser(__doc__, "python demos/frontier.py")
     ap.add_argument("--labels", type=positive_int, help="prompts of the regenerated preference set for DPO")
@@ -129,12 +184,17 @@ def main(argv=None):
     ap.add_argument("--bon-ns", type=positive_int, nargs="+", help="best-of-n's n")
     ap.add_argument("--eval-prompts", type=positive_int, help="unseen prompts every method answers")
     ap.add_argument("--budgets", type=positive_float, nargs="+", help="KL budgets (nats) the frontiers are read at")
+    ap.add_argument("--cf-methods", nargs="+", choices=sorted(CF_NAMES), help="critic-free presets (minirlhf.grpo)")
+    ap.add_argument("--cf-kl-coefs", type=non_negative_float, nargs="+", help="their KL coefficients")
+    ap.add_argument("--group-sizes", type=positive_int, nargs="+", help="their group sizes G (at most PPO's batch)")
     args = C.parse(ap, argv, QUICK, DEFAULTS)
     cfg = {k: getattr(args, k) for k in DEFAULTS}
+    if max(cfg["group_sizes"]) > P.PPO_BATCH or ("rloo" in cfg["cf_methods"] and min(cfg["group_sizes"]) < 2):
+        ap.error(f"--group-sizes must lie in [2, {P.PPO_BATCH}] (RLOO needs 2; PPO's batch bounds G)")
     t0 = time.perf_counter()
     run = C.starting_point(args)
     sft, gain = run["sft"], run["reward_model"].gain
-    seeds = {name: args.seed * 100 + i for i, name in enumerate(["preferences", "eval", "ppo", "dpo", "bon"])}
+    seeds = {name: args.seed * 100 + i for i, name in enumerate(["preferences", "eval", "ppo", "dpo", "bon", "cf"])}
 
     cmp = P.collect_preferences(sft, run["train_prompts"], cfg["labels"], np.random.default_rng(seeds["preferences"]))
     pairs = preference_pairs(cmp)
@@ -189,6 +249,20 @@ def main(argv=None):
                 "score": b["score"], "seconds": 0.0})
         assert points[-1]["gold"] == b["gold"]  # the same draws as evaluate_best_of_n's
 
+    print(f"\n== critic-free, PPO's budget ({cfg['ppo_updates']} updates of {P.PPO_BATCH} completions) ==")
+    source = grpo.reward_model_source(run["reward_model"])
+    for method in cfg["cf_methods"]:
+        for G in cfg["group_sizes"]:
+            for coef in cfg["cf_kl_coefs"]:
+                t = time.perf_counter()
+                policy = copy_policy(sft)
+                ccfg = critic_free_config(method, G, coef, cfg["ppo_updates"])
+                grpo.train_critic_free(policy, sft.params, source, run["train_prompts"], ccfg,
+                                       np.random.default_rng(seeds["cf"]), log=every(10))
+                report({"method": CF_NAMES[method], "setting": f"G={G},kl={coef:g}", "kl_coef": coef,
+                        "group_size": G, **evaluate_policy(policy, run, seeds["eval"], cfg["eval_prompts"]),
+                        "seconds": time.perf_counter() - t})
+
     sft_gold, se = points[0]["sft"]["gold"], float(np.median([p["gold_se"] for p in points]))
     print(f"\n== the frontier: gold against KL(policy || SFT) on {cfg['eval_prompts']} unseen prompts ==\n"
           f"SFT: gold {sft_gold:+.3f} +- {points[0]['sft']['gold_se']:.3f}, "
@@ -205,7 +279,7 @@ def main(argv=None):
         print(f"{p['method']:<6} {p['setting']:<12} {p['gold']:+7.3f} {p['gold_se']:5.3f} {gain_gold:+7.3f} "
               f"{p['kl']:6.3f} {rate} {p['score']:+6.3f} {p['broken']:6.2f}  {notes}")
 
-    methods = ["PPO", "DPO", "BoN"]
+    methods = ["PPO", "DPO", "BoN"] + [CF_NAMES[m] for m in cfg["cf_methods"]]
     at = {b: {mth: frontier_at([p for p in points if p["method"] == mth], sft_gold, b) for mth in methods}
           for b in cfg["budgets"]}
     print("\nbest gold reached with at most this much KL (each method's points joined by straight lines, from SFT "
@@ -224,15 +298,29 @@ def main(argv=None):
           + " (every frontier is steepest near KL 0, so compare at equal KL, as above)")
     if common:
         lead = mean_at[ranking[0]] - mean_at[ranking[1]]
-        answer = (f"{ranking[0]} buys the most gold per nat of KL here: averaged over the budgets all three reach "
+        answer = (f"{ranking[0]} buys the most gold per nat of KL here: averaged over the budgets all reach "
                   f"({', '.join(f'{b:g}' for b in common)} nats) the frontiers stand "
                   + " > ".join(f"{m} {mean_at[m]:+.3f}" for m in ranking)
                   + f"; its lead over {ranking[1]}, {lead:.3f}, is "
                   + ("larger" if lead > 2 * se else "smaller")
                   + f" than two standard errors of one mean gold ({2 * se:.3f}), a rough yardstick of the noise")
     else:
-        answer = "no budget is reached by all three methods: see the table"
+        answer = "no budget is reached by every method: see the table"
     print("answer: " + answer)
+
+    fits = {mth: gao_fit([p for p in points if p["method"] == mth], sft_gold, "bon" if mth == "BoN" else "rl")
+            for mth in methods}
+    print("\nGao et al.'s forms fitted to gold gain against d = sqrt(KL) (BoN: d (alpha - beta d); the rest: "
+          "d (alpha - beta log d)):")
+    for mth, fit in fits.items():
+        if fit is None:
+            print(f"  {mth:<6} no fit (fewer than 3 points with KL > 0, or no convergence)")
+            continue
+        peak = ("no peak (beta <= 0)" if fit["peak_d"] is None else
+                f"peak at KL {fit['peak_kl']:.3f} with gold gain {fit['peak_gold_gain']:+.3f}")
+        r2 = "-" if fit["r2"] is None else f"{fit['r2']:.3f}"
+        print(f"  {mth:<6} alpha {fit['alpha']:+.3f} beta {fit['beta']:+.3f} on {fit['n']} points; {peak}; "
+              f"R^2 {r2}, RMSE {fit['rmse']:.3f}")
 
     puzzle = {beta: dpo_puzzle(h) for beta, h in histories.items()}
     print("\nDPO puzzle (mean over the first and last 20 logged steps): chosen log-prob, rejected log-prob, margin")
@@ -250,17 +338,17 @@ def main(argv=None):
 
     result = {"run": args.run, "settings": cfg, "sft_gold": sft_gold,
               "reward_norm_gain": gain, "pairs": len(pairs), "points": points, "frontier_at": at,
-              "frontier_mean": mean_at, "answer": answer,
+              "frontier_mean": mean_at, "answer": answer, "gao_fits": fits,
               "dpo_history": {str(b): h for b, h in histories.items()},
               "dpo_puzzle": {str(b): v for b, v in puzzle.items()}}
-    C.save_figure(args.plot, lambda plt: draw(plt, points, sft_gold))
+    C.save_figure(args.plot, lambda plt: draw(plt, points, sft_gold, methods))
     return C.finish(args, "frontier", result, t0)
 
 
-def draw(plt, points, sft_gold):
+def draw(plt, points, sft_gold, methods):
     """Gold against KL, one line per method."""
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for mth, marker in (("PPO", "o"), ("DPO", "s"), ("BoN", "^")):
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for mth, marker in zip(methods, "os^vDPXh"):
         pts = sorted((p["kl"], p["gold"], p["setting"]) for p in points if p["method"] == mth)
         ax.plot([0] + [k for k, _, _ in pts], [sft_gold] + [g for _, g, _ in pts], marker=marker, label=mth)
         for k, g, s in pts:

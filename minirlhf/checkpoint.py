@@ -76,7 +76,7 @@ def load_checkpoint(path, expect_config=None, expect_extra=None):
     expect_config: the GPTConfig the caller needs (a checkpoint of another model is refused);
     expect_extra: the names of the extra parameters the caller needs (e.g. {"head.w", "head.b"}).
     """
-    params, meta = _read(path)
+    params, meta = read_npz(path)
     try:
         model_cfg = GPTConfig(**meta["config"])
         extra_shapes = {k: tuple(v) for k, v in meta.get("extra_shapes", {}).items()}
@@ -103,7 +103,7 @@ def load_checkpoint(path, expect_config=None, expect_extra=None):
     return params, model_cfg, info
 
 
-def _read(path):
+def read_npz(path):
     """The arrays and the parsed __meta__ of an .npz, or a ValueError saying why the file is not one."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such checkpoint file" if not os.path.exists(path)

@@ -5,21 +5,30 @@ The five stages of pipeline.py, each with a header, one log line per logged step
   2. Preference data: K responses per prompt sampled from the SFT model, ranked by the simulated annotator.
   3. The Bradley-Terry reward model, from the SFT trunk: its agreement with the annotator on unseen prompts
      next to the annotator's exact ceiling; normalised to mean 0, std 1 on SFT samples.
-  4. PPO with a KL penalty against the frozen SFT model; value model from the reward model.
+  4. PPO with a KL penalty against the frozen SFT model; value model from the reward model. Or, with
+     --algo, a critic-free method (grpo.py: GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++, GSPO), rewarded by
+     the reward model or, with --reward verifier, by the world's own check of a sum (arithmetic only).
   5. What changed, on unseen prompts: side-by-side samples, behaviour rates, the annotator's win rate of
      RLHF over SFT with a 95% Wilson interval (InstructGPT's evaluation), KL to the reference, and the gold
      score next to the reward model's.
 Writes a run folder (--out, runs.py): sft.npz, reward.npz, value.npz, policy.npz (atomic .npz checkpoints),
 split.json, metrics.jsonl (every logged step of every stage), summary.json and the manifest.
+
+With --lora R the RL stage trains a rank-R LoRA adapter (lora.py) on the frozen SFT model instead of a
+copy of it: the SFT model is the reference, never copied, and the run keeps adapter.npz in place of
+policy.npz. summary.json's "lora" part sets the adapter's trainable parameters, file size and the traced
+peak memory of one PPO update beside full fine-tuning's.
 """
 import argparse
 import json
 import os
 import time
+import tracemalloc
+from dataclasses import replace
 
 import numpy as np
 
-from . import fast, pipeline as P, runs
+from . import fast, grpo, lora, pipeline as P, runs
 from .checkpoint import save_checkpoint
 from .cli import apply_preset, non_negative_float, non_negative_int, positive_float, positive_int
 from .kl import KLControllerConfig
@@ -35,8 +44,14 @@ def parse_args(argv=None):
                     help="fewer steps (about a quarter of the time); a step-count flag you type still wins")
     ap.add_argument("--out", default="runs/demo", help="the run folder to write (default runs/demo)")
     ap.add_argument("--force", action="store_true", help="replace the run already in --out")
-    ap.add_argument("--kl-coef", type=non_negative_float, default=0.15,
-                    help="the KL coefficient (beta): fixed, or the adaptive controller's start (default 0.15)")
+    ap.add_argument("--algo", choices=["ppo"] + list(grpo.ALGOS), default="ppo",
+                    help="the RL stage's method: PPO with a value model, or a critic-free one (default ppo)")
+    ap.add_argument("--reward", choices=["model", "verifier"], default="model",
+                    help="what rewards the RL stage: the learned reward model, or the world's verifier of sums "
+                         "(1 for a right answer, else 0; arithmetic prompts only; critic-free methods only)")
+    ap.add_argument("--kl-coef", type=non_negative_float, default=None,
+                    help="the KL coefficient (beta): fixed, or the adaptive controller's start (default 0.15 for "
+                         "PPO; a critic-free method's own: grpo.ALGOS)")
     ap.add_argument("--kl-target", type=positive_float, default=None,
                     help="use Ziegler's adaptive controller with this target KL (nats per response)")
     ap.add_argument("--kl-horizon", type=positive_int, default=None,
@@ -47,16 +62,43 @@ def parse_args(argv=None):
                     help="sampling temperature of every policy; the same tau scores the samples (default 1)")
     ap.add_argument("--sft-steps", type=positive_int, help="SFT optimiser steps")
     ap.add_argument("--rm-steps", type=positive_int, help="reward-model optimiser steps")
-    ap.add_argument("--ppo-updates", type=positive_int, help="PPO updates (rollout + 4 epochs each)")
+    ap.add_argument("--updates", "--ppo-updates", dest="ppo_updates", type=positive_int,
+                    help="RL updates (PPO: a rollout of 64 and 4 epochs each; critic-free: 8 prompts x 8 each)")
     ap.add_argument("--labels", type=positive_int, help=f"prompts ranked by the annotator (K = {P.K} each)")
     ap.add_argument("--full-reward-model", action="store_true",
                     help=f"train the reward model longer ({P.FULL_REWARD_MODEL['labels']} ranked prompts, "
                          f"{P.FULL_REWARD_MODEL['rm_steps']} steps, reward_config(full=True))")
+    ap.add_argument("--lora", type=positive_int, metavar="R",
+                    help=f"train the RL stage through a rank-R LoRA adapter on the frozen SFT model, at "
+                         f"{P.LORA_LR_MULTIPLIER:g}x the learning rate (1 <= R <= n_embd = {P.DEMO_MODEL.n_embd})")
+    ap.add_argument("--lora-alpha", type=positive_float, default=None,
+                    help="LoRA's alpha: the update is scaled by alpha / R (default 8, PEFT's)")
+    ap.add_argument("--lora-targets", nargs="+", choices=lora.TARGETS, default=None,
+                    help="the linear layers of each block that get an adapter (default all four)")
     args = ap.parse_args(argv)
+    if args.lora is None and (args.lora_alpha is not None or args.lora_targets is not None):
+        ap.error("--lora-alpha and --lora-targets need --lora R")
+    if args.lora is not None:
+        try:
+            args.lora_config = lora.LoRAConfig(args.lora, 8.0 if args.lora_alpha is None else args.lora_alpha,
+                                               targets=tuple(args.lora_targets or lora.TARGETS))
+            lora.adapted_layers(P.DEMO_MODEL, args.lora_config)
+        except ValueError as e:
+            ap.error(f"--lora: {e}")
     if args.quick and args.full_reward_model:
         ap.error("--quick and --full-reward-model do not go together")
     if args.kl_horizon is not None and args.kl_target is None:
         ap.error("--kl-horizon needs --kl-target (the adaptive controller)")
+    if args.algo != "ppo" and args.kl_target is not None:
+        ap.error(f"--kl-target is PPO's adaptive controller; --algo {args.algo} uses a fixed --kl-coef")
+    if args.algo == "ppo" and args.reward == "verifier":
+        ap.error("--reward verifier needs a critic-free --algo (PPO's value model starts from the reward model)")
+    if (args.algo != "ppo" and grpo.ALGOS[args.algo].kl_placement == "none" and args.kl_coef is not None
+            and args.kl_coef > 0):
+        ap.error(f"--kl-coef: --algo {args.algo} has no KL term (as its paper); its KL to the SFT model is "
+                 f"measured, not penalised")
+    if args.kl_coef is None:
+        args.kl_coef = 0.15 if args.algo == "ppo" else grpo.ALGOS[args.algo].kl_coef
     try:
         runs.check_start(args.out, args.force)
     except ValueError as e:
@@ -138,20 +180,74 @@ def reward_stage(run, args, policy, train_prompts, train_cmp, val_cmp, rng):
     return reward_model, ev
 
 
-def ppo_stage(run, args, policy, reference, reward_model, train_prompts, rng):
-    t = run["rec"].stage("4. PPO with a KL penalty against the frozen SFT model")
-    kl = (KLControllerConfig(kl_coef=args.kl_coef, adaptive=True, target=args.kl_target, horizon=args.kl_horizon)
-          if args.kl_target else KLControllerConfig(kl_coef=args.kl_coef))
+def train_rl(args, policy, reference, reward_model, train_prompts, updates, rng, on_update=None, log=print):
+    """`updates` updates of --algo on policy, in place, against the reference's parameters, rewarded as
+    --reward says; at LORA_LR_MULTIPLIER times the learning rate through an adapter. Returns PPO's value
+    model (None for a critic-free method)."""
+    lr_scale = P.LORA_LR_MULTIPLIER if policy.adapter is not None else 1
+    if args.algo == "ppo":
+        kl = (KLControllerConfig(kl_coef=args.kl_coef, adaptive=True, target=args.kl_target, horizon=args.kl_horizon)
+              if args.kl_target else KLControllerConfig(kl_coef=args.kl_coef))
+        return P.run_ppo(policy, reference, reward_model, train_prompts,
+                         P.ppo_config(updates, kl, lr=P.PPO_LR * lr_scale), rng, on_update=on_update, log=log)[0]
+    preset = grpo.ALGOS[args.algo]
+    cfg = replace(preset, updates=updates, kl_coef=args.kl_coef, lr=preset.lr * lr_scale)
+    if args.reward == "verifier":
+        source, train_prompts = grpo.verifier_source(), [p for p in train_prompts if p.family == "arithmetic"]
+    else:
+        source = grpo.reward_model_source(reward_model)
+    grpo.train_critic_free(policy, reference, source, train_prompts, cfg, rng, on_update=on_update, log=log)
+    return None
+
+
+def rl_stage(run, args, policy, reference, reward_model, train_prompts, rng):
+    """Stage 4: PPO, or the critic-free method of --algo, trains policy in place (its adapter, with --lora)."""
+    method = "PPO" if args.algo == "ppo" else args.algo
+    rewarded = "the verifier, arithmetic prompts only" if args.reward == "verifier" else "the reward model"
+    penalised = args.kl_coef > 0 and (args.algo == "ppo" or grpo.ALGOS[args.algo].kl_placement != "none")
+    kl = ("with a KL penalty against the frozen SFT model" if penalised else
+          "without a KL penalty (the KL to the SFT model is measured)")
+    t = run["rec"].stage(f"4. {method} {kl}, rewarded by {rewarded}"
+                         + (f", through a rank-{args.lora} LoRA adapter" if args.lora else ""))
     history = []
-    value, _ = P.run_ppo(policy, reference.params, reward_model, train_prompts, P.ppo_config(args.ppo_updates, kl),
-                         rng, on_update=lambda i, s: history.append({"stage": "ppo", **s}))
-    save(run, "policy.npz", policy.params, runs.save_policy_info(policy, "ppo", run["manifest"]))
-    save(run, "value.npz", value, {"stage": "value", "run_id": run["manifest"]["run_id"], "seed": args.seed})
+    value = train_rl(args, policy, reference.params, reward_model, train_prompts, args.ppo_updates, rng,
+                     on_update=lambda i, s: history.append({"stage": args.algo, **s}))
+    if args.lora:
+        lora.save_adapter(os.path.join(run["out"], "adapter.npz"), policy.adapter)
+        runs.record(run["out"], run["manifest"], ["adapter.npz"])
+    else:
+        save(run, "policy.npz", policy.params, runs.save_policy_info(policy, args.algo, run["manifest"]))
+    if value is not None:
+        save(run, "value.npz", value, {"stage": "value", "run_id": run["manifest"]["run_id"], "seed": args.seed})
     run["rec"].record(history)
-    runs.record(args.out, run["manifest"], ["metrics.jsonl"], stage="ppo")
-    run["seconds"]["ppo"] = time.perf_counter() - t
-    print(f"ppo: {run['seconds']['ppo']:.1f} s")
+    runs.record(args.out, run["manifest"], ["metrics.jsonl"], stage=args.algo)
+    run["seconds"]["rl"] = time.perf_counter() - t
+    print(f"{method}: {run['seconds']['rl']:.1f} s")
     return history
+
+
+def lora_report(run, args, policy, sft, reward_model, train_prompts):
+    """The adapter beside full fine-tuning: trainable parameters, bytes on disk, and the traced peak memory
+    (tracemalloc, which sees NumPy's arrays) of one update of --algo each, run apart with their own
+    Generator so the demo's stream and timings are untouched."""
+    full = sum(w.size for w in sft.params.values())
+    out = {"rank": args.lora, "alpha": args.lora_config.alpha, "targets": list(args.lora_config.targets),
+           "lr_multiplier": P.LORA_LR_MULTIPLIER, "trainable_parameters": lora.n_trainable(policy.adapter),
+           "full_trainable_parameters": full,
+           "adapter_bytes": os.path.getsize(os.path.join(run["out"], "adapter.npz")),
+           "full_checkpoint_bytes": os.path.getsize(os.path.join(run["out"], "sft.npz"))}
+    for name, make in (("peak_mb", lambda: lora.lora_policy(sft, args.lora_config, np.random.default_rng(0))),
+                       ("full_peak_mb", lambda: copy_policy(sft))):
+        tracemalloc.start()
+        train_rl(args, make(), sft.params, reward_model, train_prompts, 1, np.random.default_rng([args.seed, 7]),
+                 log=lambda line: None)
+        out[name] = tracemalloc.get_traced_memory()[1] / 2 ** 20
+        tracemalloc.stop()
+    print(f"LoRA rank {args.lora}: {out['trainable_parameters']:,} trainable parameters "
+          f"({out['trainable_parameters'] / full:.1%} of {full:,}); adapter file {out['adapter_bytes'] / 1024:.1f} KB "
+          f"against {out['full_checkpoint_bytes'] / 1024:.1f} KB for the model; peak traced memory of one "
+          f"update {out['peak_mb']:.1f} MB against {out['full_peak_mb']:.1f} MB for full fine-tuning")
+    return out
 
 
 def evaluation_stage(run, args, policy, reference, reward_model, val_prompts, rng):
@@ -199,7 +295,7 @@ def save(run, name, params, info):
 def main(argv=None):
     args = parse_args(argv)
     fast.keep_freed_memory()  # an entry point: keep freed memory for reuse (fast.py)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "force")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "force", "lora_config")}
     manifest = runs.start_run(args.out, settings, args.seed, force=args.force)
     run = {"out": args.out, "manifest": manifest, "rec": Recorder(args.out), "seconds": {}}
     rng = np.random.default_rng(args.seed)
@@ -211,11 +307,15 @@ def main(argv=None):
           f"model {vars(P.DEMO_MODEL)}, temperature {args.temperature:g}")
 
     policy, sft_history = sft_stage(run, args, train_prompts, val_prompts, rng)
-    reference = copy_policy(policy)  # frozen from here on
     train_cmp, val_cmp = preference_stage(run, args, policy, train_prompts, val_prompts, rng)
     reward_model, rm_eval = reward_stage(run, args, policy, train_prompts, train_cmp, val_cmp, rng)
-    ppo_history = ppo_stage(run, args, policy, reference, reward_model, train_prompts, rng)
+    if args.lora:  # the SFT model stays as it is, the reference; the adapter on it trains
+        reference, policy = policy, lora.lora_policy(policy, args.lora_config, rng)
+    else:  # the reference is a frozen copy; the policy trains in place
+        reference = copy_policy(policy)
+    rl_history = rl_stage(run, args, policy, reference, reward_model, train_prompts, rng)
     c = evaluation_stage(run, args, policy, reference, reward_model, val_prompts, rng)
+    lora_part = lora_report(run, args, policy, reference, reward_model, train_prompts) if args.lora else None
 
     run["seconds"]["total"] = time.perf_counter() - run["rec"].t0
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in run["seconds"].items()))
@@ -229,10 +329,12 @@ def main(argv=None):
                          "sum_pairs": rm_eval["sum_pairs"], "by_family": rm_eval["by_family"],
                          "calibration": rm_eval["calibration"], "norm_gain": reward_model.gain,
                          "norm_bias": reward_model.bias},
-        "ppo": {"gold_score": c["after"]["all"]["mean_gold"], "reward_score": c["rm_after"],
-                "sft_reward_score": c["rm_before"], "kl": c["kl"], "kl_exact": c["kl_exact"],
-                "behaviour": c["after"], "final_kl_coef": ppo_history[-1]["objective/kl_coef"]},
+        "rl": {"algo": args.algo, "reward": args.reward, "gold_score": c["after"]["all"]["mean_gold"],
+               "reward_score": c["rm_after"], "sft_reward_score": c["rm_before"], "kl": c["kl"],
+               "kl_exact": c["kl_exact"], "behaviour": c["after"],
+               "final_kl_coef": rl_history[-1].get("objective/kl_coef", args.kl_coef)},
         "win_rate_vs_sft": c["win_rate"],
+        "lora": lora_part,
         "seconds": run["seconds"],
     }
     runs.write_json(os.path.join(args.out, "summary.json"), summary)

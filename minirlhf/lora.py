@@ -14,8 +14,8 @@ gradient is the sum of the frozen layer's and the adapter's:
 
     dB = s (x A)^T g        dA = s x^T (g B^T)        dx = g W0^T + s (g B^T) A^T        db = sum_rows g
 
-W0 gets no gradient: x^T g, a third of a linear layer's backward work, is never computed. The bias and
-the LayerNorms stay frozen too (PEFT's bias="none"), so the adapter keeps only dA and dB.
+W0 gets no gradient: x^T g, one of the two big products of a linear layer's backward, is never computed.
+The bias and the LayerNorms stay frozen too (PEFT's bias="none"), so the adapter keeps only dA and dB.
 
 Init (PEFT's default, init_lora_weights=True): A kaiming-uniform with a = sqrt(5), the nn.Linear default:
 gain sqrt(2 / (1 + a^2)) = sqrt(1/3), bound gain sqrt(3 / fan_in) = 1 / sqrt(d_in), so A ~ U(-1/sqrt(d_in),
@@ -35,12 +35,16 @@ embeddings by default either.
 
 Merge. W = W0 + s A B makes a plain model that costs nothing extra to run; unmerge subtracts s A B again.
 The two are equal in exact arithmetic, not bit for bit: each cycle rounds W once on the way out and once
-back (demos/lora_rank.py measures the float32 drift of 1000 cycles).
+back. Measured (demos/lora_rank.py, 1000 cycles of one layer): with the same adapter every cycle, W sits at
+a fixed point after the first one, half an ulp from W0; with an adapter that changes a little between
+cycles (training between merges for generation) the roundings add up like a random walk: 15-20 ulps
+after 1000 cycles, 2-3e-7 in float32 on weights up to 0.17, 1.6e-3 in float16.
 
 RLHF without a second model. The reference of PPO's KL penalty and of DPO is the base with the adapter
 switched off, which is `policy.params` itself: no copy of the model, and the optimiser's state covers the
 adapter alone. That is right only because the adapter starts at B = 0, where policy and base coincide;
-an adapter that starts anywhere else would make the KL measure the distance from the wrong model.
+an adapter that starts anywhere else (loaded to go on training, or initialised with B != 0) makes the
+starting policy a different model from the base, and the KL would measure the distance from the wrong one.
 
 How it plugs in. transformer.py runs its own math unchanged on a view: `wrap` turns each adapted weight
 into a LoRAWeight (W0, A, B, s) and the ops' linear_forward / linear_backward into ones that know it.
@@ -59,7 +63,7 @@ import numpy as np
 from . import fast
 from . import layers
 from . import transformer as tf
-from .checkpoint import META, _read, atomic_write
+from .checkpoint import META, read_npz, atomic_write
 
 TARGETS = ("attn.w_qkv", "attn.w_proj", "mlp.w_fc", "mlp.w_proj")  # the linear layers of a block
 INITS = ("kaiming_uniform", "gaussian")  # A's init: PEFT's default, or N(0, 1/r^2)
@@ -347,7 +351,7 @@ def load_adapter(path, base_params, model_cfg, expect_config=None):
     """Read an adapter file for this base -> Adapter, every check made first; ValueError naming the file and
     the mismatch: another base, another config than expect_config (if given: rank, targets, alpha, ...),
     missing or extra weights, wrong shapes, non-float or non-finite weights, a dtype other than the base's."""
-    arrays, meta = _read(path)
+    arrays, meta = read_npz(path)
     if meta.get("kind") != KIND:
         raise ValueError(f"{path}: not a LoRA adapter file (its {META} has no kind {KIND!r}; a model checkpoint?)")
     try:

@@ -18,8 +18,10 @@ Clipping: with n = sqrt(sum of g^2 over every parameter), every gradient is scal
 min(1, max_norm / (n + 1e-6)), as torch.nn.utils.clip_grad_norm_.
 
 The state is a plain dict returned to the caller: no hidden state on objects. A gradient that is not
-finite raises ValueError before anything is written, so a bad step never half-applies.
+finite raises ValueError before anything is written, so a bad step never half-applies; `all_or_nothing`
+does the same for an update of many steps (PPO's epochs of minibatches).
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,3 +112,33 @@ def lr_schedule(step, total_steps, peak_lr, warmup_steps=0):
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     return peak_lr * (total_steps - step) / (total_steps - warmup_steps)
+
+
+def _copy(tree):
+    if isinstance(tree, dict):
+        return {k: _copy(v) for k, v in tree.items()}
+    return tree.copy() if isinstance(tree, np.ndarray) else tree
+
+
+def _restore(tree, saved):
+    for k, v in saved.items():
+        if isinstance(v, dict):
+            _restore(tree[k], v)
+        elif isinstance(v, np.ndarray):
+            tree[k][...] = v
+        else:
+            tree[k] = v
+
+
+@contextmanager
+def all_or_nothing(*trees):
+    """Run a block that updates the trees in place (dicts of arrays, AdamW states) as one transaction: if it
+    raises (or is interrupted), every array and count is put back as it was before the block, then the
+    exception goes on. The copies cost one pass over the arrays: nothing, beside the update they guard."""
+    saved = [_copy(t) for t in trees]
+    try:
+        yield
+    except BaseException:
+        for tree, s in zip(trees, saved):
+            _restore(tree, s)
+        raise

@@ -50,6 +50,8 @@ SFT_FAMILY_WEIGHTS = {"greeting": 1.0, "arithmetic": 2.0, "unsafe": 1.0, "unknow
 # hardest (measured with K = 4: 0.58 accuracy against a 0.78 ceiling with uniform labels, 0.66 with this).
 LABEL_FAMILY_WEIGHTS = {"greeting": 1.0, "arithmetic": 3.0, "unsafe": 1.0, "unknowable": 1.0}
 PPO_LR, PPO_BATCH, PPO_MINIBATCH = 2e-4, 64, 16  # the demo's PPO recipe (PPOConfig has the rest)
+# demo --lora: the adapter's learning rate as a multiple of PPO_LR (demos/lora_rank.py measures the best one)
+LORA_LR_MULTIPLIER = 10.0
 
 
 def split(rng):

@@ -40,7 +40,7 @@ from . import layers as L
 from . import transformer as tf
 from . import validate as V
 from .kl import KLControllerConfig, exact_kl, kl_estimators, token_rewards, update_kl_coef
-from .optim import AdamWConfig, adamw_init, adamw_step, lr_schedule
+from .optim import AdamWConfig, adamw_init, adamw_step, all_or_nothing, lr_schedule
 from .ppo_objective import (explained_variance, gae, policy_loss_backward, policy_loss_forward,
                             value_loss_backward, value_loss_forward, whiten)
 from .reward import sequence_scores
@@ -249,16 +249,20 @@ def train_ppo(policy, reference, reward_model, value, train_prompts, ppo_cfg, rn
         t0 = time.perf_counter()
         lr = lr_schedule(update, ppo_cfg.updates, ppo_cfg.lr)  # linear decay to 0 (cleanrl's annealing)
         mb_stats = []
-        for epoch in range(ppo_cfg.epochs):
-            for idx in split[epoch]:
-                pgrads, vgrads, s = ppo_loss_and_grads(policy, value, minibatch(batch, idx), ppo_cfg)
-                for g in (pgrads, vgrads):  # check both before touching either: no half-applied step
-                    for name, x in g.items():
-                        if not np.all(np.isfinite(x)):
-                            raise ValueError(f"PPO gradient {name} is not finite; no update applied")
-                adamw_step(tf.trainable(policy), pgrads, pstate, opt, lr=lr)
-                adamw_step(value, vgrads, vstate, opt, lr=lr)
-                mb_stats.append(s)
+        # One update is all of its epochs of minibatches: a gradient that is not finite in any of them undoes
+        # the whole update (policy, value and both optimiser states as they were after the last update).
+        with all_or_nothing(tf.trainable(policy), value, pstate, vstate):
+            for epoch in range(ppo_cfg.epochs):
+                for j, idx in enumerate(split[epoch]):
+                    pgrads, vgrads, s = ppo_loss_and_grads(policy, value, minibatch(batch, idx), ppo_cfg)
+                    for g in (pgrads, vgrads):
+                        for name, x in g.items():
+                            if not np.all(np.isfinite(x)):
+                                raise ValueError(f"PPO update {update + 1}, epoch {epoch + 1}, minibatch {j + 1}: "
+                                                 f"the gradient of {name} is not finite; the update was undone")
+                    adamw_step(tf.trainable(policy), pgrads, pstate, opt, lr=lr)
+                    adamw_step(value, vgrads, vstate, opt, lr=lr)
+                    mb_stats.append(s)
         stats.update({"update": update + 1, "objective/kl_coef": kl_coef, "lr": lr,
                       "time/update": time.perf_counter() - t0,
                       **{k: float(np.mean([s[k] for s in mb_stats])) for k in

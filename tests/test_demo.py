@@ -1,6 +1,7 @@
-"""The demo end to end: --quick learns, the same seed gives the same numbers, a run at a temperature samples,
-scores and evaluates at it, an interrupted run leaves no corrupt checkpoint and a folder that consumers
-refuse until it is re-made with --force, and bad flags give argparse's usage error."""
+"""The demo end to end: --quick through a rank-4 LoRA adapter learns, the same seed gives the same numbers,
+the critic-free methods and the verifier run in stage 4, a run at a temperature samples, scores and
+evaluates at it, an interrupted run leaves no corrupt checkpoint and a folder that consumers refuse until it
+is re-made with --force, and bad flags give argparse's usage error."""
 import json
 import os
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_RUN
-from minirlhf import demo, kl, layers, pipeline, runs
+from minirlhf import demo, kl, layers, lora, pipeline, runs
 from minirlhf import transformer as tf
 from minirlhf.checkpoint import load_checkpoint
 
@@ -16,32 +17,58 @@ from minirlhf.checkpoint import load_checkpoint
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick") / "run"
-    summary = demo.main(["--quick", "--out", str(out)])
+    summary = demo.main(["--quick", "--lora", "4", "--out", str(out)])
     return out, summary
 
 
-def test_quick_run_writes_everything_and_improves_gold(quick):
+def test_quick_lora_run_writes_everything_and_improves_gold(quick):
+    """`demo --quick --lora 4`: the SFT model is the reference, untouched; the adapter alone is kept."""
     out, summary = quick
     on_disk = json.loads((out / "summary.json").read_text())
     for key in ("seed", "numpy", "seconds", "win_rate_vs_sft", "run_id"):
         assert key in on_disk
     assert on_disk["sft"]["gold_score"] == summary["sft"]["gold_score"]
-    for stage, key in [("sft", "gold_score"), ("ppo", "gold_score"), ("ppo", "reward_score"), ("ppo", "kl"),
-                       ("reward_model", "val_accuracy"), ("reward_model", "ceiling_accuracy")]:
+    for stage, key in [("sft", "gold_score"), ("rl", "gold_score"), ("rl", "reward_score"), ("rl", "kl"),
+                       ("reward_model", "val_accuracy"), ("reward_model", "ceiling_accuracy"),
+                       ("lora", "peak_mb"), ("lora", "full_peak_mb")]:
         assert np.isfinite(on_disk[stage][key]), (stage, key)
     w = on_disk["win_rate_vs_sft"]
     assert 0 <= w["low"] <= w["rate"] <= w["high"] <= 1
-    assert on_disk["ppo"]["gold_score"] > on_disk["sft"]["gold_score"]
+    assert on_disk["rl"]["gold_score"] > on_disk["sft"]["gold_score"]
     manifest = runs.open_run(out)  # one finished run: every file listed, every hash right
     assert manifest["status"] == "finished" and manifest["stages"] == ["sft", "reward_model", "ppo", "evaluation"]
-    assert set(manifest["files"]) == {"split.json", "sft.npz", "reward.npz", "policy.npz", "value.npz",
+    assert set(manifest["files"]) == {"split.json", "sft.npz", "reward.npz", "adapter.npz", "value.npz",
                                       "metrics.jsonl", "summary.json"}
-    for name in ("sft", "reward", "value", "policy"):
+    for name in ("sft", "reward", "value"):
         _, _, info = load_checkpoint(out / f"{name}.npz", pipeline.DEMO_MODEL)
         assert info["run_id"] == manifest["run_id"] and info["seed"] == 0
     stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
     assert stages == {"sft", "reward_model", "ppo"}
-    assert oct(os.stat(out / "policy.npz").st_mode & 0o777) == oct(0o666 & ~current_umask())
+    sft, cfg, _ = load_checkpoint(out / "sft.npz", pipeline.DEMO_MODEL)
+    adapter = lora.load_adapter(out / "adapter.npz", sft, cfg)
+    part = on_disk["lora"]
+    assert part["trainable_parameters"] == lora.n_trainable(adapter) == 16 * 4 * cfg.n_embd * cfg.n_layer
+    assert part["full_trainable_parameters"] == sum(w.size for w in sft.values())
+    assert part["adapter_bytes"] == os.path.getsize(out / "adapter.npz") < part["full_checkpoint_bytes"]
+    assert any(np.abs(w).max() > 0 for k, w in adapter.weights.items() if k.endswith("lora_B"))  # it trained
+    assert oct(os.stat(out / "adapter.npz").st_mode & 0o777) == oct(0o666 & ~current_umask())
+
+
+@pytest.mark.parametrize("argv, algo", [(["--algo", "grpo", "--reward", "verifier"], "grpo"),
+                                        (["--algo", "rloo"], "rloo")])
+def test_a_critic_free_method_runs_in_stage_4(argv, algo, tmp_path):
+    """No value model is kept; the RL stage's metrics are the method's, under TRL's names; the verifier
+    trains on arithmetic prompts alone."""
+    out = tmp_path / "run"
+    summary = demo.main(TINY_RUN + argv + ["--out", str(out)])
+    assert summary["rl"]["algo"] == algo and np.isfinite(summary["rl"]["gold_score"])
+    manifest = runs.open_run(out)
+    assert manifest["stages"] == ["sft", "reward_model", algo, "evaluation"]
+    assert "value.npz" not in manifest["files"] and "policy.npz" in manifest["files"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in rows if r["stage"] == algo]
+    assert len(rl) == 2 and all({"reward", "reward_std", "frac_reward_zero_std", "objective/kl"} <= set(r) for r in rl)
+    assert summary["rl"]["kl"] > 0  # the policy moved
 
 
 def current_umask():
@@ -119,7 +146,11 @@ def test_interrupted_run_is_refused_by_consumers_and_re_made_with_force(tmp_path
 @pytest.mark.parametrize("argv", [["--sft-steps", "-3"], ["--ppo-updates", "0"], ["--kl-coef", "-1"],
                                   ["--kl-coef", "inf"], ["--kl-target", "nan"], ["--no-such-flag"],
                                   ["--kl-target", "0"], ["--quick", "--full-reward-model"], ["--seed", "-1"],
-                                  ["--temperature", "0"], ["--out", ""], ["--kl-horizon", "100"]])
+                                  ["--temperature", "0"], ["--out", ""], ["--kl-horizon", "100"],
+                                  ["--reward", "verifier"], ["--algo", "ppo2"], ["--algo", "grpo", "--kl-target", "1"],
+                                  ["--algo", "dr_grpo", "--kl-coef", "0.1"], ["--lora", "0"], ["--lora", "65"],
+                                  ["--lora-alpha", "8"], ["--lora", "4", "--lora-alpha", "0"],
+                                  ["--lora", "4", "--lora-targets", "attn.w_q"], ["--lora-targets", "mlp.w_fc"]])
 def test_bad_flags_give_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         demo.parse_args(argv)

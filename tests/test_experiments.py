@@ -100,13 +100,20 @@ def test_explain_ranking(tiny_run, tmp_path):
 def test_frontier(tiny_run, tmp_path):
     out = run_quick(frontier, tiny_run, tmp_path)
     q = frontier.QUICK
-    assert {p["method"] for p in out["points"]} == {"PPO", "DPO", "BoN"}
-    assert len(out["points"]) == len(q["kl_coefs"]) + len(q["dpo_betas"]) + len(q["bon_ns"])
+    critic_free = {frontier.CF_NAMES[m] for m in q["cf_methods"]}
+    assert {p["method"] for p in out["points"]} == {"PPO", "DPO", "BoN"} | critic_free
+    n_cf = len(q["cf_methods"]) * len(q["cf_kl_coefs"]) * len(q["group_sizes"])
+    assert len(out["points"]) == len(q["kl_coefs"]) + len(q["dpo_betas"]) + len(q["bon_ns"]) + n_cf
     for p in out["points"]:
         assert p["kl"] >= 0, p
         if p["method"] == "BoN":
             assert p["kl"] <= p["kl_bound"] + 1e-12
+        if p["method"] in critic_free:
+            assert p["group_size"] in q["group_sizes"] and p["kl_coef"] in q["cf_kl_coefs"]
     assert out["pairs"] > 0 and set(out["dpo_puzzle"]) == {str(b) for b in q["dpo_betas"]}
+    assert set(out["gao_fits"]) == {"PPO", "DPO", "BoN"} | critic_free
+    for fit in out["gao_fits"].values():  # None with fewer than 3 points, as --quick has
+        assert fit is None or fit["form"] in ("bon", "rl")
 
 
 def test_dpo_puzzle(tiny_run, tmp_path):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from minirlhf.optim import AdamWConfig, adamw_init, adamw_step, clip_grads, global_norm, lr_schedule
+from minirlhf.optim import AdamWConfig, adamw_init, adamw_step, all_or_nothing, clip_grads, global_norm, lr_schedule
 
 
 def test_adamw_two_steps_by_hand():
@@ -83,3 +83,27 @@ def test_schedule_warms_up_then_decays_to_zero():
     for peak in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="peak_lr"):
             lr_schedule(0, 10, peak)
+
+
+def test_all_or_nothing_puts_every_array_and_count_back_when_the_block_raises():
+    params = {"w": np.ones((2, 2)), "b": np.zeros(2)}
+    state = adamw_init(params)
+    cfg = AdamWConfig(lr=0.1)
+    adamw_step(params, {"w": np.ones((2, 2)), "b": np.ones(2)}, state, cfg)
+    before = ({k: v.copy() for k, v in params.items()}, {k: v.copy() for k, v in state["m"].items()},
+              {k: v.copy() for k, v in state["v"].items()}, state["t"])
+    arrays = {"w": params["w"], "b": params["b"], "m_w": state["m"]["w"]}  # the caller's very arrays
+    with pytest.raises(KeyboardInterrupt):
+        with all_or_nothing(params, state):
+            adamw_step(params, {"w": np.full((2, 2), 3.0), "b": np.ones(2)}, state, cfg)
+            adamw_step(params, {"w": np.full((2, 2), -1.0), "b": np.ones(2)}, state, cfg)
+            raise KeyboardInterrupt  # an interrupt counts too
+    assert state["t"] == before[3]
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[0][k])
+        np.testing.assert_array_equal(state["m"][k], before[1][k])
+        np.testing.assert_array_equal(state["v"][k], before[2][k])
+    assert params["w"] is arrays["w"] and state["m"]["w"] is arrays["m_w"]  # restored in place, not rebound
+    with all_or_nothing(params, state):  # no exception: the block's changes stay
+        adamw_step(params, {"w": np.ones((2, 2)), "b": np.ones(2)}, state, cfg)
+    assert state["t"] == before[3] + 1 and not np.array_equal(params["w"], before[0]["w"])

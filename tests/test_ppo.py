@@ -145,6 +145,29 @@ def test_nan_raises_and_leaves_parameters_untouched(network, message):
         np.testing.assert_array_equal(value[k], value_before[k])
 
 
+def test_a_nan_gradient_mid_update_undoes_the_whole_update(monkeypatch):
+    """Update 2's third minibatch step (of 8: 4 epochs x 2) gets a NaN gradient after two of its steps were
+    applied: the policy and value are left exactly as after update 1 (a run of one update), not half-moved."""
+    after_one, _, value_after_one, _ = run(updates=1)
+    calls, real = [], ppo.ppo_loss_and_grads
+
+    def nan_on_the_eleventh(*args):
+        pgrads, vgrads, s = real(*args)
+        calls.append(1)
+        return ({k: g * np.nan if len(calls) == 11 else g for k, g in pgrads.items()}, vgrads, s)
+    monkeypatch.setattr(ppo, "ppo_loss_and_grads", nan_on_the_eleventh)
+    policy, reference, reward, value = models(np.float32, eos_bias=5.0)
+    cfg = ppo.PPOConfig(updates=2, batch_size=8, minibatch_size=4, lr=1e-3)
+    with pytest.raises(ValueError, match="PPO update 2, epoch 2, minibatch 1: the gradient of .* not finite; the "
+                                         "update was undone"):
+        ppo.train_ppo(policy, reference, reward, value, PROMPTS, cfg, np.random.default_rng(0), log=lambda s: None)
+    assert len(calls) == 11
+    for k in policy.params:
+        np.testing.assert_array_equal(policy.params[k], after_one.params[k])
+    for k in value:
+        np.testing.assert_array_equal(value[k], value_after_one[k])
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="multiple of minibatch_size"):
         ppo.PPOConfig(batch_size=10, minibatch_size=4)
