@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from minirlhf import demo, fast, pipeline as P, runs  # noqa: E402
 from minirlhf.cli import (apply_preset, non_negative_float, non_negative_int, positive_float,  # noqa: E402
-                          positive_int)
+                          positive_int, writable_file)
 from minirlhf.reward import score_samples  # noqa: E402
 from minirlhf.transformer import copy_policy, sample_responses  # noqa: E402
 from minirlhf.world import gold, sample_prompts  # noqa: E402
@@ -72,10 +72,17 @@ def parse(ap, argv, quick=None, defaults=None):
     apply_preset(args, defaults or {})
     if "run" in vars(args) and args.run is None:
         args.run = "runs/demo-quick" if args.quick else "runs/demo"
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            ap.error('--plot needs matplotlib: pip install -e ".[plot]"')
     for flag in ("json", "plot"):
-        path = getattr(args, flag)
-        if path is not None and (path.strip() == "" or os.path.isdir(path)):
-            ap.error(f"--{flag} must name a file, got {path!r}")
+        if getattr(args, flag) is not None:
+            try:
+                writable_file(getattr(args, flag))
+            except ValueError as e:
+                ap.error(f"--{flag}: {e}")
     return args
 
 
@@ -155,17 +162,16 @@ def finish(args, name, results, t0):
 
 
 def save_figure(path, draw):
-    """draw(plt) -> figure, saved to path; without matplotlib, say so and carry on."""
+    """draw(plt) -> figure, saved to path (PNG unless path ends in another format matplotlib writes)."""
     if not path:
         return
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed (pip install -e \".[plot]\"): no figure written to {path}")
-        return
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
     fig = draw(plt)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    ext = os.path.splitext(path)[1][1:].lower()
+    # savefig would add ".png" to a path without a known extension, and the file would not be where we say
+    fig.savefig(path, dpi=120, bbox_inches="tight", **({} if ext in fig.canvas.get_supported_filetypes()
+                                                        else {"format": "png"}))
     plt.close(fig)
     print(f"wrote {path}")

@@ -23,7 +23,6 @@ Timings are medians over --steps steps after warm-up; a 2-core machine's speed d
 minute (fast.py), so compare figures from one run, not across runs.
 """
 import argparse
-import json
 import os
 import platform
 import threading
@@ -34,7 +33,9 @@ import numpy as np
 from . import fast
 from . import layers as L
 from . import transformer as tf
+from .cli import positive_int, writable_file
 from .pipeline import DEMO_MODEL
+from .runs import write_json
 from .tokenizer import BOS
 
 
@@ -84,12 +85,16 @@ def train_step_fn(params, model_cfg, tokens):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minirlhf.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per figure (median reported)")
-    ap.add_argument("--batch", type=int, default=32, help="sequences per training step")
+    ap.add_argument("--steps", type=positive_int, default=20, help="timed steps per figure (median reported)")
+    ap.add_argument("--batch", type=positive_int, default=32, help="sequences per training step")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.batch < 1:
-        ap.error("--steps and --batch must be >= 1")
+    try:
+        tf.check_batch_fits("--batch", DEMO_MODEL, args.batch, np.float64)
+        if args.json:
+            writable_file(args.json)
+    except ValueError as e:
+        ap.error(str(e))
     fast.keep_freed_memory()  # an entry point: keep freed memory for reuse (fast.py)
     model_cfg, B, T = DEMO_MODEL, args.batch, DEMO_MODEL.n_ctx
     rng = np.random.default_rng(0)
@@ -138,8 +143,7 @@ def main(argv=None):
     print(f"generate | float32, batch {B}, up to {new} new tokens with the KV cache: {ms:.1f} ms, "
           f"{tps:.0f} sampled tok/s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(args.json, res)
     return res
 
 

@@ -3,6 +3,7 @@ its flag cannot take (NaN, inf, negatives, zero where a count is needed) with ar
 bad flag stops the program before any work is done."""
 import argparse
 import math
+import os
 
 
 def _number(text, kind):
@@ -53,6 +54,19 @@ def fraction(text):
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (exclusive), got {text}")
     return value
+
+
+def writable_file(path):
+    """path, if it names a file that can be written: not empty, not a folder, in a folder that exists and
+    is writable. Else ValueError saying which (checked before the work whose result it will hold)."""
+    if path.strip() == "" or os.path.isdir(path):
+        raise ValueError(f"{path!r} must name a file, not {'a folder' if path.strip() else 'nothing'}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{path!r}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{path!r}: the folder {folder} is not writable")
+    return path
 
 
 def apply_preset(args, preset):

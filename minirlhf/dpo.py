@@ -239,6 +239,7 @@ def train_dpo(policy, reference, pairs, dpo_cfg, rng, log=print):
     """
     if len(pairs) < dpo_cfg.batch_size:
         raise ValueError(f"{len(pairs)} pairs are fewer than one batch of {dpo_cfg.batch_size}")
+    tf.check_batch_fits("train_dpo", policy.model_cfg, 2 * dpo_cfg.batch_size, policy.params["wte"].dtype)
     trained = tf.trainable(policy)
     if any(np.shares_memory(x, r) for x in trained.values() for r in reference.values()):
         raise ValueError("policy and reference share arrays: train a copy (the reference must stay frozen)")

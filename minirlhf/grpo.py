@@ -381,6 +381,9 @@ def train_critic_free(policy, reference, reward_source, train_prompts, cfg, rng,
     if wrong:
         raise ValueError(f"the reward source {getattr(reward_source, 'name', reward_source)!r} cannot score the "
                          f"{wrong[0]!r} family; give it prompts of {families} only")
+    rows = cfg.group_size * cfg.prompts_per_update
+    tf.check_batch_fits("train_critic_free", policy.model_cfg, max(rows // cfg.minibatches, rows // 2),
+                        policy.params["wte"].dtype)
     opt = AdamWConfig(lr=cfg.lr, weight_decay=0.0, max_grad_norm=cfg.max_grad_norm)
     arrays = tf.trainable(policy)
     state, history = adamw_init(arrays), []

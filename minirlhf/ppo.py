@@ -237,6 +237,9 @@ def train_ppo(policy, reference, reward_model, value, train_prompts, ppo_cfg, rn
     reference (parameters) and reward_model (a reward.RewardModel) stay frozen. on_update(i, stats), if
     given, is called after each update (the demo writes metrics with it).
     """
+    # the policy and the value model each take a minibatch forward and backward; the rollout, the batch forward
+    tf.check_batch_fits("train_ppo", policy.model_cfg, max(2 * ppo_cfg.minibatch_size, ppo_cfg.batch_size // 2),
+                        policy.params["wte"].dtype)
     opt = AdamWConfig(lr=ppo_cfg.lr, weight_decay=0.0, max_grad_norm=ppo_cfg.max_grad_norm)
     pstate, vstate = adamw_init(tf.trainable(policy)), adamw_init(value)
     kl_coef, history = ppo_cfg.kl.kl_coef, []

@@ -341,6 +341,8 @@ def train_reward_model(params, model_cfg, train, val, rm_cfg, annotator, rng, lo
     train = [c for c in train if len(scored_pairs(c)) > 0]
     if not train or not val:
         raise ValueError("train_reward_model needs comparisons with at least one scored pair in train and val")
+    tf.check_batch_fits("train_reward_model", model_cfg, rm_cfg.batch_size * max(len(c.responses) for c in train),
+                        params["wte"].dtype)
     opt = AdamWConfig(lr=rm_cfg.lr, weight_decay=rm_cfg.weight_decay, max_grad_norm=rm_cfg.max_grad_norm)
     state, history, t0 = adamw_init(params), [], time.perf_counter()
     for step in range(rm_cfg.steps):

@@ -91,6 +91,7 @@ def train_sft(params, model_cfg, train_pairs, val_pairs, sft_cfg, rng, log=print
     """
     if not train_pairs or not val_pairs:
         raise ValueError("train_sft needs non-empty train_pairs and val_pairs")
+    tf.check_batch_fits("train_sft", model_cfg, sft_cfg.batch_size, params["wte"].dtype)
     opt = AdamWConfig(lr=sft_cfg.lr, weight_decay=sft_cfg.weight_decay, max_grad_norm=sft_cfg.max_grad_norm)
     state = adamw_init(params)
     history, t0 = [], time.perf_counter()

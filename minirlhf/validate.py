@@ -1,7 +1,9 @@
 """The checks every config and entry point makes of its numbers, with one message per kind of mistake: a
-count that is not a whole number >= its minimum, a number that is NaN, infinite or out of its range. A bad
-value is refused where it is given, with a ValueError that names the field, before any work is done."""
+count that is not a whole number >= its minimum, a number that is NaN, infinite or out of its range, a
+batch whose activations would not fit in memory. A bad value is refused where it is given, with a
+ValueError that names the field, before any work is done."""
 import math
+import os
 
 import numpy as np
 
@@ -34,3 +36,28 @@ def finite_array(name, x):
         where = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0]) if x.ndim else ()
         raise ValueError(f"{name} holds a NaN or inf (at {where})")
     return x
+
+
+def available_memory():
+    """Bytes of memory the system can give without swapping (Linux: MemAvailable of /proc/meminfo; else
+    physical memory), or None where neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def fits_in_memory(owner, nbytes, what):
+    """ValueError if nbytes (an estimate of what `what` needs) exceeds the memory available: refused before
+    the work starts, not killed by the system half-way through it."""
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise ValueError(f"{owner}: {what} needs about {nbytes / 2 ** 30:.3g} GiB of memory, more than the "
+                         f"{free / 2 ** 30:.3g} GiB available; use a smaller batch")
