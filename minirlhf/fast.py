@@ -256,16 +256,37 @@ def run_parts(fn, parts):
     """[fn(part) for part in parts]: the first part on this thread, the others on the worker thread.
 
     Every part has finished when this returns or raises (an exception from fn is raised here, the first
-    part's first), so no work outlives the call. The parts run one after the other unless PARALLEL.
+    part's first), so no work outlives the call. The parts run one after the other unless PARALLEL, and
+    inside a part already running beside another (both cores are busy then, and the one worker is taken).
     """
-    if len(parts) == 1 or not PARALLEL:
+    if len(parts) == 1 or not PARALLEL or getattr(_INSIDE, "part", False):
         return [fn(part) for part in parts]
-    futures = [_worker().submit(fn, part) for part in parts[1:]]
+    futures = [_worker().submit(_as_part, fn, part) for part in parts[1:]]
     try:
-        first = fn(parts[0])
+        first = _as_part(fn, parts[0])
     finally:
         concurrent.futures.wait(futures)
     return [first] + [f.result() for f in futures]
+
+
+def run_concurrently(*jobs):
+    """[job() for job in jobs], two at a time on two threads when ENABLED and PARALLEL: for independent
+    work too small to split in halves, such as PPO's policy and value model on one minibatch. Each job
+    computes exactly what it would alone, so the results are the same bits either way."""
+    if not ENABLED:
+        return [job() for job in jobs]
+    return run_parts(lambda job: job(), list(jobs))
+
+
+_INSIDE = threading.local()  # .part: this thread is running one of several parts at once
+
+
+def _as_part(fn, part):
+    _INSIDE.part = True
+    try:
+        return fn(part)
+    finally:
+        _INSIDE.part = False
 
 
 _WORKER_LOCK = threading.Lock()

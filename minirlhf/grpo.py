@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import fast
 from . import grpo_objective as go
 from . import layers as L
 from . import transformer as tf
@@ -348,8 +349,8 @@ def prepare(policy, ref_policy, train, cfg, first_epoch):
     logits = [np.zeros((B, N, policy.model_cfg.vocab_size), dtype) for _ in range(2)]
     for idx in first_epoch:
         rows = seq[idx], seq_mask[idx], train["tokens"][idx], train["P"], tau
-        train["logp_old"][idx], logits[0][idx] = response_logprobs(policy, *rows)
-        train["logp_ref"][idx], logits[1][idx] = response_logprobs(ref_policy, *rows)
+        (train["logp_old"][idx], logits[0][idx]), (train["logp_ref"][idx], logits[1][idx]) = fast.run_concurrently(
+            lambda: response_logprobs(policy, *rows), lambda: response_logprobs(ref_policy, *rows))
     train["adv_row"], train["advantages"] = advantages_of(train, cfg)
     keep = train["ended"] if cfg.overlong == "mask" else np.ones(B, bool)  # truncated rows out of the loss
     train["loss_mask"] = train["mask"] * keep[:, None]

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import fast
 from . import layers as L
 from . import transformer as tf
 from . import validate as V
@@ -118,37 +119,65 @@ def response_part(x, P, N):
 
 def ppo_losses(policy, value, mb, ppo_cfg):
     """The clipped policy loss and the clipped value loss of a minibatch, through both networks, and the
-    caches their gradients need.
+    caches their gradients need: (policy loss, value loss, (policy caches, value caches)).
 
     policy: the Policy (its temperature scores the tokens); value: the value model's parameters.
     mb holds the rollout arrays of the minibatch: seq, seq_mask (B, P+N), P, tokens, mask, logp_old,
     values_old, advantages, returns (B, N).
     """
-    model_cfg, P, N = policy.model_cfg, mb["P"], mb["tokens"].shape[1]
+    pg_loss, pcaches = policy_loss(policy, mb, ppo_cfg)
+    vf_loss, vcaches = value_loss(value, policy.model_cfg, mb, ppo_cfg)
+    return pg_loss, vf_loss, (pcaches, vcaches)
+
+
+def policy_loss(policy, mb, ppo_cfg):
+    """The clipped policy loss of a minibatch through the policy: (loss, caches)."""
+    P, N = mb["P"], mb["tokens"].shape[1]
     logits_all, pcache = tf.policy_forward(policy, mb["seq"], mb["seq_mask"])
     logp, lcache = L.token_logprobs_forward(response_part(logits_all, P, N), mb["tokens"], policy.temperature)
     pg_loss, pg_cache = policy_loss_forward(logp, mb["logp_old"], mb["advantages"], mb["mask"], ppo_cfg.clip_eps)
+    return pg_loss, (logits_all.shape, P, N, pcache, lcache, pg_cache)
+
+
+def value_loss(value, model_cfg, mb, ppo_cfg):
+    """The clipped value loss of a minibatch through the value model: (loss, caches)."""
+    P, N = mb["P"], mb["tokens"].shape[1]
     values_all, vcache = value_forward(value, model_cfg, mb["seq"], mb["seq_mask"])
     vf_loss, vf_cache = value_loss_forward(response_part(values_all, P, N), mb["values_old"], mb["returns"],
                                            mb["mask"], ppo_cfg.vf_clip_eps, ppo_cfg.vf_coef)
-    return pg_loss, vf_loss, (logits_all.shape, pcache, lcache, pg_cache, values_all.shape, vcache, vf_cache)
+    return vf_loss, (values_all.shape, P, N, vcache, vf_cache)
+
+
+def policy_loss_and_grads(policy, mb, ppo_cfg):
+    """policy_loss and its gradient for the policy's trainable arrays: (loss, grads, the loss's cache)."""
+    pg_loss, (shape, P, N, pcache, lcache, pg_cache) = policy_loss(policy, mb, ppo_cfg)
+    if not np.isfinite(pg_loss):
+        raise ValueError(f"PPO policy loss is not finite ({pg_loss}); no update applied")
+    dlogits = np.zeros(shape, pg_loss.dtype)
+    response_part(dlogits, P, N)[...] = L.token_logprobs_backward(policy_loss_backward(1.0, pg_cache), lcache)
+    return pg_loss, tf.policy_backward(dlogits, pcache), pg_cache
+
+
+def value_loss_and_grads(value, model_cfg, mb, ppo_cfg):
+    """value_loss and the value model's gradients: (loss, grads, the loss's cache)."""
+    vf_loss, (shape, P, N, vcache, vf_cache) = value_loss(value, model_cfg, mb, ppo_cfg)
+    if not np.isfinite(vf_loss):
+        raise ValueError(f"PPO value loss is not finite ({vf_loss}); no update applied")
+    dvalues = np.zeros(shape, vf_loss.dtype)
+    response_part(dvalues, P, N)[...] = value_loss_backward(1.0, vf_cache)
+    return vf_loss, value_backward(dvalues, vcache), vf_cache
 
 
 def ppo_loss_and_grads(policy, value, mb, ppo_cfg):
-    """Both losses of a minibatch (ppo_losses) and both networks' gradients: (policy_grads, value_grads, stats)."""
-    pg_loss, vf_loss, caches = ppo_losses(policy, value, mb, ppo_cfg)
-    logits_shape, pcache, lcache, pg_cache, values_shape, vcache, vf_cache = caches
-    if not (np.isfinite(pg_loss) and np.isfinite(vf_loss)):
-        raise ValueError(f"PPO loss is not finite (policy {pg_loss}, value {vf_loss}); no update applied")
-    P, N = mb["P"], mb["tokens"].shape[1]
-    dlogits = np.zeros(logits_shape, pg_loss.dtype)
-    response_part(dlogits, P, N)[...] = L.token_logprobs_backward(policy_loss_backward(1.0, pg_cache), lcache)
-    dvalues = np.zeros(values_shape, vf_loss.dtype)
-    response_part(dvalues, P, N)[...] = value_loss_backward(1.0, vf_cache)
+    """Both losses of a minibatch and both networks' gradients: (policy_grads, value_grads, stats). The two
+    networks share nothing, so fast.run_concurrently may run them on two threads."""
+    (pg_loss, pgrads, pg_cache), (vf_loss, vgrads, vf_cache) = fast.run_concurrently(
+        lambda: policy_loss_and_grads(policy, mb, ppo_cfg),
+        lambda: value_loss_and_grads(value, policy.model_cfg, mb, ppo_cfg))
     stats = {"loss/policy": float(pg_loss), "loss/value": float(vf_loss),
              "ratio_max_dev": float(np.abs(pg_cache["ratio"] - 1)[mb["mask"] > 0].max()),
              **{k: float(v) for k, v in {**pg_cache["stats"], **vf_cache["stats"]}.items()}}
-    return tf.policy_backward(dlogits, pcache), value_backward(dvalues, vcache), stats
+    return pgrads, vgrads, stats
 
 
 # ---------------------------------------------------------------- rollouts
@@ -179,9 +208,14 @@ def assemble_rollout(policy, reference, reward_model, value, ptok, pmask, tokens
     logits_pi, logits_ref = (np.zeros((B, N, model_cfg.vocab_size), dtype) for _ in range(2))
     for idx in minibatches if minibatches is not None else [np.arange(B)]:  # the ratio starts at exactly 1
         rows = seq[idx], seq_mask[idx], tokens[idx], P, tau
-        logp_old[idx], logits_pi[idx] = response_logprobs(policy, *rows)
-        logp_ref[idx], logits_ref[idx] = response_logprobs(ref_policy, *rows)
-        values_old[idx] = response_part(value_forward(value, model_cfg, seq[idx], seq_mask[idx])[0], P, N)
+
+        def policy_and_value():
+            logp_old[idx], logits_pi[idx] = response_logprobs(policy, *rows)
+            values_old[idx] = response_part(value_forward(value, model_cfg, seq[idx], seq_mask[idx])[0], P, N)
+
+        def reference_part():
+            logp_ref[idx], logits_ref[idx] = response_logprobs(ref_policy, *rows)
+        fast.run_concurrently(policy_and_value, reference_part)  # independent passes: two threads may share them
     scores = sequence_scores(reward_model, seq, seq_mask, ended)
     rewards, non_score = token_rewards(scores, logp_old, logp_ref, mask, kl_coef)
     advantages, returns = gae(rewards, values_old, mask, ppo_cfg.gamma, ppo_cfg.lam)

@@ -193,6 +193,27 @@ def test_split_is_bit_identical_with_or_without_threads(split_small_batches, mon
             np.testing.assert_array_equal(grads[name], runs[0][1][name], err_msg=name)
 
 
+def test_concurrent_jobs_give_the_bits_of_running_them_in_turn_and_nest_without_deadlock(split_small_batches,
+                                                                                         monkeypatch):
+    """fast.run_concurrently runs two jobs on two threads; each job's own batch split (every batch splits
+    here) then runs its halves in turn on its thread (the one worker is busy), and the bits are those of
+    the jobs run one after the other."""
+    a, b = tiny_params(np.float32, seed=0), tiny_params(np.float32, seed=1)
+    tokens, mask = a_batch(6, 8)
+
+    def step(params):
+        logits, cache = tf.forward(params, TINY, tokens, mask)
+        return logits, tf.backward(np.sin(logits), cache)
+    together = fast.run_concurrently(lambda: step(a), lambda: step(b))
+    monkeypatch.setattr(fast, "PARALLEL", False)
+    in_turn = [step(a), step(b)]
+    for (logits, grads), (logits_ref, grads_ref) in zip(together, in_turn):
+        np.testing.assert_array_equal(logits, logits_ref)
+        for name in grads:
+            np.testing.assert_array_equal(grads[name], grads_ref[name], err_msg=name)
+    assert not getattr(fast._INSIDE, "part", False)  # the flag is cleared after the jobs
+
+
 def test_split_gradient_matches_finite_differences(split_small_batches):
     params = tiny_params()
     tokens, mask = a_batch(3, 5)
