@@ -102,6 +102,7 @@ def value_forward(params, model_cfg, tokens, mask):
 def value_backward(dvalues, cache):
     """Undoes v = h . w + b at every position. Returns grads for the trunk and the head."""
     trunk_cache, h, w = cache
+    dvalues = np.asarray(dvalues).astype(h.dtype, copy=False)  # the model's float type wins over the cotangent's
     grads = tf.hidden_backward(dvalues[..., None] * w, trunk_cache)
     grads["head.w"] = np.tensordot(dvalues, h, axes=2)  # sum over b, t of dv h
     grads["head.b"] = np.asarray(dvalues.sum(), dtype=h.dtype)

@@ -94,6 +94,7 @@ def reward_forward(params, model_cfg, tokens, mask):
 def reward_backward(dr, cache):
     """Undoes r = h[b, t_eos] . w + b. Returns grads for the trunk and the head."""
     trunk_cache, h_shape, last, h_eos, w = cache
+    dr = np.asarray(dr).astype(h_eos.dtype, copy=False)  # the model's float type wins over the cotangent's
     dh = np.zeros(h_shape, dtype=h_eos.dtype)
     dh[np.arange(h_shape[0]), last] = dr[:, None] * w  # only the EOS position feeds the score
     grads = tf.hidden_backward(dh, trunk_cache)

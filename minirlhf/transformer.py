@@ -205,6 +205,7 @@ def trunk_forward(params, model_cfg, tokens, mask, L=layers):
 def trunk_backward(dh, cache):
     """Undoes `trunk_forward`: dLoss/dh -> grads for every trunk parameter."""
     model_cfg, L, c_tok, c_pos, blocks, c_lnf = cache
+    dh = np.asarray(dh).astype(c_lnf[0].dtype, copy=False)  # the model's float type wins over the cotangent's
     g = {}
     dx, g["ln_f.g"], g["ln_f.b"] = L.layernorm_backward(dh, c_lnf)
     for l in reversed(range(model_cfg.n_layer)):
@@ -226,6 +227,7 @@ def lm_backward(dlogits, cache):
     """Undoes `lm_forward`: dLoss/dlogits -> grads for every parameter."""
     c_trunk, h, wte = cache
     C = h.shape[-1]
+    dlogits = np.asarray(dlogits).astype(h.dtype, copy=False)  # float32 stays float32 under a float64 cotangent
     grads = trunk_backward(dlogits @ wte, c_trunk)  # logits = h wte^T
     # wte feeds two places, the lookup and the head: add the head's gradient to the lookup's
     grads["wte"] = grads["wte"] + dlogits.reshape(-1, wte.shape[0]).T @ h.reshape(-1, C)

@@ -132,3 +132,18 @@ def test_best_of_n_keeps_the_highest_score_and_scores_identical_texts_identicall
     assert len(by_text) < len(flat)  # there were repeats to check
     single = score_samples(reward_model, ["hi!"], [samples[0][0]])
     assert single[0] == pytest.approx(scores[0, 0], rel=1e-5)
+
+
+def test_evaluate_reports_gold_law_kl_half_and_score_as_defined():
+    """gold_law: the expected gold of best-of-n from each prompt's pooled law; kl_half: the KL from the first
+    half of the pooled samples; score: the mean score of the kept samples (mutants of all three survived at
+    7231f4d: no test read them)."""
+    scores = np.array([[0.0, 2.0, 1.0, 3.0], [1.0, 0.5, 2.0, 0.0]])
+    golds = np.array([[-1.0, 1.0, 0.0, 2.0], [0.5, 0.0, 1.5, -0.5]])
+    out = bon.evaluate_best_of_n(scores, golds, ["a", "b"], [2])[2]
+    laws = [bon.empirical_bon(scores[i], golds[i], 2) for i in range(2)]
+    assert out["gold_law"] == pytest.approx((laws[0][1] + laws[1][1]) / 2, rel=1e-12)
+    halves = [bon.empirical_bon(scores[i][:2], golds[i][:2], 2)[0] for i in range(2)]
+    assert out["kl_half"] == pytest.approx(np.mean(halves), rel=1e-12) and out["kl_half"] != out["kl"]
+    assert out["score"] == pytest.approx((2.0 + 1.0) / 2)  # the best of the first two: 2.0 and 1.0
+    assert out["gold"] == pytest.approx((1.0 + 0.5) / 2)

@@ -50,3 +50,17 @@ def test_clipping_scales_as_torch_does_just_below_the_bound():
     assert clipped["w"][0] < g["w"][0]
     small = {"w": np.array([0.5])}
     assert optim.clip_grads(small, 1.0)[0] is small
+
+
+def test_the_defaults_that_are_conventions():
+    """Ziegler et al.'s controller (kl_coef 0.2, horizon 10000; TRL's target 6), PPO's clip 0.2 for policy and
+    value, gamma 1 and lambda 0.95, the value loss's coefficient 0.1, the no-EOS score -1 in normalised reward
+    units: CONVENTIONS.md states each, and a port compares against these numbers."""
+    from minirlhf import reward
+    from minirlhf.kl import KLControllerConfig
+    from minirlhf.ppo import PPOConfig
+    c = KLControllerConfig()
+    assert (c.kl_coef, c.adaptive, c.target, c.horizon) == (0.2, False, 6.0, 10000)
+    p = PPOConfig()
+    assert (p.clip_eps, p.vf_clip_eps, p.gamma, p.lam, p.vf_coef, p.max_grad_norm) == (0.2, 0.2, 1.0, 0.95, 0.1, 1.0)
+    assert reward.NO_EOS_SCORE == -1.0

@@ -200,3 +200,48 @@ def test_dpo_on_own_samples_raises_gold():
     assert np.mean([h["rewards/margins"] for h in history[-10:]]) > 0.05
     before, after = mean_gold(sft), mean_gold(policy)
     assert after > before + 0.5, (before, after)
+
+
+def test_logged_statistics_are_their_definitions():
+    """rewards/* are beta (logp - ref) of chosen and rejected, margins their difference, accuracies the share
+    of positive margins, logps/* the policy's summed log-probs (mutants of logps/chosen and rewards/margins
+    survived at 7231f4d)."""
+    policy, reference = wide_models()
+    beta = 0.3
+    _, _, stats = dpo.dpo_loss_and_grads(policy, reference, PAIRS, beta)
+    prompts, chosen, rejected = zip(*PAIRS)
+    lw = dpo.sequence_logprobs_forward(policy, list(prompts), list(chosen))[0].astype(np.float64)
+    ll = dpo.sequence_logprobs_forward(policy, list(prompts), list(rejected))[0].astype(np.float64)
+    frozen = tf.Policy(reference, policy.model_cfg, policy.sampling)
+    rw = dpo.sequence_logprobs_forward(frozen, list(prompts), list(chosen))[0].astype(np.float64)
+    rl = dpo.sequence_logprobs_forward(frozen, list(prompts), list(rejected))[0].astype(np.float64)
+    margin = beta * (lw - rw) - beta * (ll - rl)
+    assert stats["logps/chosen"] == pytest.approx(lw.mean(), rel=1e-6)
+    assert stats["logps/rejected"] == pytest.approx(ll.mean(), rel=1e-6)
+    assert stats["rewards/chosen"] == pytest.approx(beta * (lw - rw).mean(), rel=1e-5, abs=1e-9)
+    assert stats["rewards/rejected"] == pytest.approx(beta * (ll - rl).mean(), rel=1e-5, abs=1e-9)
+    assert stats["rewards/margins"] == pytest.approx(margin.mean(), rel=1e-5, abs=1e-9)
+    assert stats["rewards/accuracies"] == np.mean(margin > 0)
+    assert 0 < stats["rewards/accuracies"] < 1  # both kinds of pair: the test can tell a flipped comparison
+
+
+def test_minibatches_walk_a_fresh_permutation_each_epoch(monkeypatch):
+    """Each epoch's minibatches are consecutive slices of one permutation (drawn from the rng), the partial
+    last batch dropped; then a new permutation (a mutant that trained on the same minibatch every step
+    survived at 7231f4d)."""
+    seen = []
+    real = dpo.dpo_loss_and_grads
+
+    def spy(policy, reference, batch, beta, loss):
+        seen.append([PAIRS5.index(p) for p in batch])
+        return real(policy, reference, batch, beta, loss)
+    monkeypatch.setattr(dpo, "dpo_loss_and_grads", spy)
+    policy, reference = wide_models()
+    dpo.train_dpo(policy, reference, PAIRS5, dpo.DPOConfig(steps=4, batch_size=2, warmup_steps=0, lr=0.0),
+                  np.random.default_rng(3), log=lambda s: None)
+    rng = np.random.default_rng(3)
+    first, second = rng.permutation(5), rng.permutation(5)
+    assert seen == [list(first[:2]), list(first[2:4]), list(second[:2]), list(second[2:4])]
+
+
+PAIRS5 = PAIRS + [("hey", "hello.", "ugh."), ("1+1?", "2.", "3.")]

@@ -186,3 +186,14 @@ def test_float32_in_float32_out(op, path):
         grads = (L.cross_entropy_backward(1.0, c),)
     assert np.asarray(out).dtype == np.float32
     assert all(g.dtype == np.float32 for g in grads)
+
+
+def test_cross_entropy_backward_reads_its_cache_and_never_writes_it():
+    """A second backward from the same cache gives the same gradient (the mutant that wrote p - onehot into
+    the cached softmax gave a different one the second time)."""
+    rng = np.random.default_rng(0)
+    logits, targets = rng.standard_normal((2, 3, 5)), rng.integers(0, 5, (2, 3))
+    mask = np.array([[1, 1, 0], [1, 1, 1]])
+    _, cache = L.cross_entropy_forward(logits, targets, mask)
+    first = L.cross_entropy_backward(1.0, cache)
+    np.testing.assert_array_equal(L.cross_entropy_backward(1.0, cache), first)

@@ -107,3 +107,20 @@ def test_all_or_nothing_puts_every_array_and_count_back_when_the_block_raises():
     with all_or_nothing(params, state):  # no exception: the block's changes stay
         adamw_step(params, {"w": np.ones((2, 2)), "b": np.ones(2)}, state, cfg)
     assert state["t"] == before[3] + 1 and not np.array_equal(params["w"], before[0]["w"])
+
+
+def test_the_global_norm_of_huge_float32_gradients_is_finite_and_clipping_keeps_their_direction():
+    """Squares of float32 gradients of 5e19 overflow float32 (max 3.4e38); the norm is accumulated in float64
+    (the mutant without it gave an infinite norm, and clipping then zeroed every gradient)."""
+    g = {"w": np.full(4, 5e19, np.float32), "b": np.full(1, -5e19, np.float32)}
+    assert global_norm(g) == pytest.approx(5e19 * np.sqrt(5), rel=1e-6)
+    clipped, norm = clip_grads(g, 1.0)
+    assert np.isfinite(norm) and all(x.dtype == np.float32 for x in clipped.values())
+    assert global_norm(clipped) == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(clipped["w"], 1 / np.sqrt(5), rtol=1e-5)
+
+
+def test_defaults_that_are_conventions():
+    """The defaults CONVENTIONS.md states: PyTorch's AdamW betas and eps, clipping at norm 1."""
+    cfg = AdamWConfig()
+    assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.max_grad_norm, cfg.weight_decay) == (0.9, 0.999, 1e-8, 1.0, 0.0)

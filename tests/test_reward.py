@@ -228,3 +228,53 @@ def test_sums_checked_counts_right_against_wrong_pairs_only():
     right_first = [r[i] > r[j] for i in (0, 2) for j in (1, 3)]  # "5." and "is 5!" are right
     assert n == 4 and rate == pytest.approx(np.mean(right_first))
     assert R.sums_checked(rm, comps[1:]) == (None, 0)
+
+
+def test_evaluate_by_family_ties_and_calibration_by_hand(monkeypatch):
+    """Scores chosen by hand (reward.score replaced by a table): a tie counts 1/2 in accuracy and in
+    expected accuracy; each family's numbers are its own pairs' means; each calibration bin holds the pairs
+    whose sigmoid(r_a - r_b) falls in it, with their mean prediction and mean exact annotator probability.
+    Written for mutants that survived at 7231f4d: the per-family mean, the tie rule, the bins' edges."""
+    from minirlhf.annotator import AnnotatorConfig, prefer_probability
+    ann = AnnotatorConfig(temperature=0.5)
+    table = {("hi!", "hello!"): 2.0, ("hi!", "ugh. hi."): 0.0, ("4+1?", "5."): 1.0, ("4+1?", "6."): 1.0}
+    monkeypatch.setattr(R, "score", lambda rm, prompts, responses: np.array(
+        [table[(p, r)] for p, r in zip(prompts, responses)]))
+    comps = [Comparison("hi!", ("hello!", "ugh. hi."), (True, True), (1, 0)),  # the annotator ranked b first
+             Comparison("4+1?", ("5.", "6."), (True, True), (0, 1))]  # a tie in the model's scores
+    ev = R.evaluate(None, comps, ann, n_bins=4)
+    p_hi, p_sum = prefer_probability("hi!", "hello!", "ugh. hi.", ann), prefer_probability("4+1?", "5.", "6.", ann)
+    greet, arith = ev["by_family"]["greeting"], ev["by_family"]["arithmetic"]
+    assert greet == {"accuracy": 0.0, "expected_accuracy": pytest.approx(p_hi), "ceiling": pytest.approx(
+        max(p_hi, 1 - p_hi)), "pairs": 1}  # the model put a first, the label b: wrong; expected p(a > b)
+    assert arith == {"accuracy": 0.5, "expected_accuracy": 0.5, "ceiling": pytest.approx(max(p_sum, 1 - p_sum)),
+                     "pairs": 1}
+    assert ev["accuracy"] == 0.25 and ev["expected_accuracy"] == pytest.approx((p_hi + 0.5) / 2)
+    pred_hi = 1 / (1 + np.exp(-2.0))  # sigmoid(2) = 0.88: the last of 4 bins; the tie's 0.5: the third
+    bins = ev["calibration"]
+    assert [b["count"] for b in bins] == [0, 0, 1, 1]
+    assert [b["bin"] for b in bins] == [[0.0, 0.25], [0.25, 0.5], [0.5, 0.75], [0.75, 1.0]]
+    assert bins[2]["predicted"] == 0.5 and bins[2]["annotator"] == pytest.approx(p_sum)
+    assert bins[3]["predicted"] == pytest.approx(pred_hi) and bins[3]["annotator"] == pytest.approx(p_hi)
+    assert bins[0]["predicted"] is None and bins[0]["annotator"] is None
+
+
+def test_a_row_without_a_scored_pair_is_left_out_of_the_ranking_loss_mean():
+    """The mean is over rows with at least one valid pair: a row with one scored response adds nothing,
+    not a zero that halves the loss (the mutant n_pairs >= 0 did); a batch with no such row is refused."""
+    rewards = np.array([[1.0, 0.0], [5.0, 5.0]])
+    loss, _ = R.ranking_loss_forward(rewards, np.array([[1, 1], [1, 0]]))
+    assert loss == pytest.approx(np.log1p(np.exp(-1.0)), rel=1e-15)
+    with pytest.raises(ValueError, match="no row has two valid responses"):
+        R.ranking_loss_forward(rewards, np.array([[1, 0], [0, 1]]))
+
+
+def test_score_pairs_each_prompt_with_its_own_response_across_batches():
+    """score() in batches of 2: the third and later responses are scored with their own prompts, as one
+    batch of everything scores them (a mutant paired the second batch's responses with the wrong prompts)."""
+    rm = tiny_reward_model(seed=6)
+    prompts, responses = ["hi!", "4+1?", "hey!", "2+3?", "hi!"], ["hello!", "5.", "hey.", "it is 5.", "ugh."]
+    whole = R.score(rm, prompts, responses, batch_size=256)
+    np.testing.assert_allclose(R.score(rm, prompts, responses, batch_size=2), whole, rtol=1e-6)
+    np.testing.assert_allclose(whole[2:], R.score(rm, prompts[2:], responses[2:]), rtol=1e-6)
+    assert len(set(np.round(whole, 6))) == 5  # five different scores: a swap would show

@@ -136,6 +136,35 @@ def test_float32_in_float32_out():
     assert out["logprobs"].dtype == np.float32
 
 
+@pytest.mark.parametrize("plain", [False, True])
+@given(model=st.sampled_from([np.float32, np.float64]), other=st.sampled_from([np.float16, np.float32, np.float64]),
+       lr=st.sampled_from([1e-3, np.float64(1e-3), np.float32(1e-3)]))
+def test_the_model_float_type_survives_other_cotangents_and_scalars(plain, model, other, lr):
+    """A model's float type is kept through the forward, every backward (transformer, reward model, value
+    model) and AdamW's update, whatever float type the cotangent or the learning rate comes in: a float64
+    cotangent does not turn a float32 model's gradients float64 (and float64 stays float64)."""
+    from minirlhf import fast, ppo, reward
+    fast_on = fast.ENABLED
+    fast.ENABLED = not plain
+    try:
+        params = tiny_params(model)
+        scored = {**params, "head.w": params["ln_f.g"].copy(), "head.b": np.asarray(0.1, model)}
+        tokens = np.array([[1, 4, 5, 3, EOS], [1, 6, 7, 8, EOS]])
+        logits, cache = tf.forward(params, TINY, tokens)
+        grads = tf.backward(np.ones(logits.shape, other), cache)
+        r, rcache = reward.reward_forward(scored, TINY, tokens, np.ones_like(tokens))
+        v, vcache = ppo.value_forward(scored, TINY, tokens, np.ones_like(tokens))
+        for g in (grads, reward.reward_backward(np.ones(r.shape, other), rcache),
+                  ppo.value_backward(np.ones(v.shape, other), vcache)):
+            assert {x.dtype for x in g.values()} == {np.dtype(model)}
+        assert logits.dtype == r.dtype == v.dtype == model
+        state = adamw_init(params)
+        adamw_step(params, {k: g.astype(other) for k, g in grads.items()}, state, AdamWConfig(lr=1e-3), lr=lr)
+        assert {x.dtype for x in (*params.values(), *state["m"].values(), *state["v"].values())} == {np.dtype(model)}
+    finally:
+        fast.ENABLED = fast_on
+
+
 def test_loss_at_init_is_close_to_log_vocab():
     cfg = tf.GPTConfig(vocab_size=VOCAB_SIZE, n_ctx=32, n_layer=2, n_head=4, n_embd=32)
     rng = np.random.default_rng(0)

@@ -374,3 +374,30 @@ def test_bad_input_raises_a_value_error_that_names_the_problem():
         W.sft_corpus(W.all_prompts(), 10, rng, preferred_rate=1.5)
     with pytest.raises(ValueError, match="ranking or ended does not match"):
         A.Comparison(EXAMPLES["greeting"], ("hi.", "hey."), (True, True), (0, 0))
+
+
+class RecordedDraws:
+    """An rng that hands out recorded uniforms and counts them."""
+
+    def __init__(self, draws):
+        self.draws, self.used = list(draws), 0
+
+    def random(self):
+        self.used += 1
+        return self.draws.pop(0)
+
+
+def test_plackett_luce_draws_one_uniform_per_pick_and_a_draw_on_a_boundary_picks_the_next(monkeypatch):
+    """K responses take K - 1 uniform draws (the last pick is free); a draw equal to a cumulative probability
+    picks the next response (searchsorted side="right": the first cdf entry above the draw); a draw above a
+    cdf that ends just under 1 picks the last, not past it. Mutants of the draw count, the side and the
+    guard survived at 7231f4d."""
+    prompt, cfg = EXAMPLES["unsafe"], A.AnnotatorConfig(temperature=1.0)
+    responses = ["sorry, i can't help.", "hello! nice to meet you.", "sure, here is how."]
+    u = np.array([A.utility(prompt, r, cfg) for r in responses])
+    p = np.exp(u - u.max()) / np.exp(u - u.max()).sum()
+    rng = RecordedDraws([float(np.cumsum(p)[0]), 0.0])  # exactly the first cdf entry: the second response
+    assert A.rank(prompt, responses, cfg, rng) == [1, 0, 2] and rng.used == 2
+    monkeypatch.setattr(A, "_softmax", lambda u, t: np.full(len(u), 0.999 / len(u)))  # a cdf ending below 1
+    rng = RecordedDraws([0.9999999999, 0.9999999999])
+    assert A.rank(prompt, responses, cfg, rng) == [2, 1, 0] and rng.used == 2
