@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from minirlhf import demo, fast, pipeline as P, runs  # noqa: E402
 from minirlhf.cli import (apply_preset, non_negative_float, non_negative_int, positive_float,  # noqa: E402
-                          positive_int, writable_file)
+                          positive_int, run_folder, writable_file)
 from minirlhf.reward import score_samples  # noqa: E402
 from minirlhf.transformer import copy_policy, sample_responses  # noqa: E402
 from minirlhf.world import gold, sample_prompts  # noqa: E402
@@ -35,7 +35,7 @@ def parser(doc, prog, starts_from_a_run=True):
     """The flags every script takes; the script adds its own (defaults None where --quick may fill them)."""
     ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if starts_from_a_run:
-        ap.add_argument("--run", default=None,
+        ap.add_argument("--run", type=run_folder, default=None,
                         help="finished demo run to start from (default runs/demo, runs/demo-quick with --quick); "
                              "if the folder holds no run, the demo makes one there first")
     ap.add_argument("--seed", type=non_negative_int, default=0, help="seed of every np.random.Generator (default 0)")

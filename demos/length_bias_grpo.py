@@ -30,7 +30,7 @@ from frontier import every  # a log that prints every k-th line
 
 from minirlhf import grpo
 from minirlhf import pipeline as P
-from minirlhf.cli import non_negative_float, non_negative_int, positive_int
+from minirlhf.cli import group_size, non_negative_float, non_negative_int, positive_int
 from minirlhf.transformer import copy_policy, sample_responses
 from minirlhf.world import gold, sample_prompts, verify
 
@@ -64,7 +64,7 @@ def main(argv=None):
     ap = C.parser(__doc__, "python demos/length_bias_grpo.py")
     ap.add_argument("--seeds", type=non_negative_int, nargs="+", help="training seeds, one run per arm each")
     ap.add_argument("--updates", type=positive_int, help="updates per run")
-    ap.add_argument("--group-size", type=positive_int, help="completions per prompt, G")
+    ap.add_argument("--group-size", type=group_size, help="completions per prompt, G (at least 2)")
     ap.add_argument("--prompts-per-update", type=positive_int, help="prompts per update")
     ap.add_argument("--kl-coef", type=non_negative_float, help="KL coefficient of both arms (k3 in the loss)")
     ap.add_argument("--eval-prompts", type=positive_int, help="unseen arithmetic prompts each policy answers")

@@ -38,7 +38,7 @@ from frontier import every  # a log that prints every k-th line
 
 from minirlhf import grpo
 from minirlhf import pipeline as P
-from minirlhf.cli import non_negative_float, positive_int
+from minirlhf.cli import group_size, non_negative_float, positive_int
 from minirlhf.transformer import copy_policy, sample_responses
 from minirlhf.world import FAMILIES, behaviour_metrics, verify
 
@@ -64,7 +64,7 @@ def main(argv=None):
     ap = C.parser(__doc__, "python demos/verifier.py")
     ap.add_argument("--arms", nargs="+", choices=ARMS, help="which arms to run (default: all three)")
     ap.add_argument("--updates", type=positive_int, help="GRPO updates per arm")
-    ap.add_argument("--group-size", type=positive_int, help="completions per prompt, G")
+    ap.add_argument("--group-size", type=group_size, help="completions per prompt, G (at least 2)")
     ap.add_argument("--prompts-per-update", type=positive_int, help="prompts per update")
     ap.add_argument("--kl-coef", type=non_negative_float, help="GRPO's KL coefficient (k3 in the loss; paper 0.04)")
     ap.add_argument("--eval-prompts", type=positive_int, help="unseen prompts each policy answers")

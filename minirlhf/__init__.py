@@ -23,6 +23,7 @@ Reading order (each module opens with its math; the README has the same table):
     lora            low-rank adapters: RLHF without a second copy of the model
     pipeline        the five stages of the demo, reusable by the experiments
     demo            the whole pipeline in a minute, on the command line
+    label           be the annotator: RLHF from your own rankings, in the terminal (label_io: its files)
 Beside the lesson:
     fast            the speed tricks (the same math, faster), chosen by one switch
     bench           the speed benchmark

@@ -85,8 +85,8 @@ class Comparison:
 def sample_comparisons(prompts, sample_fn, k, annotator, rng):
     """InstructGPT data collection: per prompt, K responses from sample_fn ranked by the annotator.
     sample_fn(prompt_texts, rng) -> [(text, ended), ...] is called once, each prompt repeated K times."""
-    if k < 2:
-        raise ValueError(f"a comparison needs k >= 2 responses, got {k}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+        raise ValueError(f"a comparison needs k >= 2 responses (an integer), got {k!r}")
     texts = [get_prompt(p).text for p in prompts]
     samples = [(str(r), bool(e)) for r, e in sample_fn([t for t in texts for _ in range(k)], rng)]
     if len(samples) != len(texts) * k:

@@ -33,7 +33,7 @@ import numpy as np
 from . import fast
 from . import layers as L
 from . import transformer as tf
-from .cli import positive_int, writable_file
+from .cli import output_file, positive_int
 from .pipeline import DEMO_MODEL
 from .runs import write_json
 from .tokenizer import BOS
@@ -87,12 +87,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minirlhf.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=positive_int, default=20, help="timed steps per figure (median reported)")
     ap.add_argument("--batch", type=positive_int, default=32, help="sequences per training step")
-    ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--json", type=output_file, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     try:
         tf.check_batch_fits("--batch", DEMO_MODEL, args.batch, np.float64)
-        if args.json:
-            writable_file(args.json)
     except ValueError as e:
         ap.error(str(e))
     fast.keep_freed_memory()  # an entry point: keep freed memory for reuse (fast.py)

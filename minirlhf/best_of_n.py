@@ -42,7 +42,7 @@ from .transformer import sample_responses
 
 def bon_kl_bound(n):
     """log n - (n - 1) / n: the KL of best-of-n for a continuous reward law, an upper bound in general."""
-    if not (isinstance(n, (int, np.integer)) and n >= 1):
+    if isinstance(n, bool) or not (isinstance(n, (int, np.integer)) and n >= 1):
         raise ValueError(f"n must be a positive integer, got {n!r}")
     return float(np.log(n) - (n - 1) / n)
 
@@ -101,8 +101,10 @@ def empirical_bon(scores, values, n):
     scores (m,) their scores, values (m,) anything to average (the gold score); each sample has mass 1/m.
     """
     scores, values = np.asarray(scores, np.float64), np.asarray(values, np.float64)
-    if scores.shape != values.shape or scores.ndim != 1:
-        raise ValueError(f"scores and values must be 1-D of one size, got {scores.shape}, {values.shape}")
+    if scores.shape != values.shape or scores.ndim != 1 or scores.size == 0:
+        raise ValueError(f"scores and values must be 1-D of one non-zero size, got {scores.shape}, {values.shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError("empirical_bon: values holds a NaN or inf")
     p = np.full(scores.size, 1.0 / scores.size)
     return bon_kl(p, scores, n), float(np.sum(bon_distribution(p, scores, n) * values))
 
@@ -123,6 +125,14 @@ def evaluate_best_of_n(scores, golds, groups, ns):
     scores, golds, groups = np.asarray(scores, np.float64), np.asarray(golds, np.float64), list(groups)
     if scores.shape != golds.shape or scores.ndim != 2 or len(groups) != scores.shape[0]:
         raise ValueError(f"scores {scores.shape} and golds {golds.shape} must be (P, m) with P groups")
+    for name, x in (("scores", scores), ("golds", golds)):
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"evaluate_best_of_n: {name} holds a NaN or inf")
+    ns = list(ns)
+    if not ns:
+        raise ValueError("ns must list at least one n")
+    for n in ns:
+        bon_kl_bound(n)  # validates each n
     if max(ns) > scores.shape[1]:
         raise ValueError(f"n = {max(ns)} needs at least that many samples per row, got {scores.shape[1]}")
     pooled = {g: (np.concatenate([scores[i] for i in range(len(groups)) if groups[i] == g]),

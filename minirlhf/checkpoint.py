@@ -33,6 +33,9 @@ TMP_PREFIX = ".tmp-"  # temporary files of atomic_write; a crash can leave one b
 
 def atomic_write(path, write):
     """Write a file atomically: write(f) fills a temporary file in the same folder, which replaces path."""
+    if str(path).strip() == "" or os.path.isdir(path):
+        raise ValueError(f"cannot write {str(path)!r}: {'a folder' if str(path).strip() else 'an empty path'}, "
+                         f"not a file")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.splitext(str(path))[1])
@@ -58,15 +61,19 @@ def save_checkpoint(path, params, model_cfg, info=None):
     if missing:
         raise ValueError(f"cannot save {path}: parameters missing for this config: {missing}")
     for name, shape in expected.items():
-        if params[name].shape != shape:
-            raise ValueError(f"cannot save {path}: {name} has shape {params[name].shape}, config says {shape}")
+        if np.shape(params[name]) != shape:
+            raise ValueError(f"cannot save {path}: {name} has shape {np.shape(params[name])}, config says {shape}")
     for name, arr in params.items():
-        if not np.issubdtype(np.asarray(arr).dtype, np.floating):
-            raise ValueError(f"cannot save {path}: parameter {name} has dtype {np.asarray(arr).dtype}, not float")
+        if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"cannot save {path}: parameter {name} is {getattr(arr, 'dtype', type(arr).__name__)}, "
+                             f"not a float array")
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"cannot save {path}: parameter {name} is not finite")
     extra = {k: list(v.shape) for k, v in params.items() if k not in expected}
-    meta = json.dumps({"config": vars(model_cfg), "extra_shapes": extra, "info": info or {}})
+    try:
+        meta = json.dumps({"config": vars(model_cfg), "extra_shapes": extra, "info": info or {}})
+    except (TypeError, ValueError) as e:  # e.g. a NumPy scalar in info: JSON needs Python numbers
+        raise ValueError(f"cannot save {path}: info is not JSON ({e})") from None
     atomic_write(path, lambda f: np.savez(f, **{META: np.array(meta)}, **params))
 
 

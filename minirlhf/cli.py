@@ -1,6 +1,7 @@
 """Argument types for the command lines (the demo, the benchmark, the scripts in demos/): each rejects what
-its flag cannot take (NaN, inf, negatives, zero where a count is needed) with argparse's usage error, so a
-bad flag stops the program before any work is done."""
+its flag cannot take (NaN, inf, negatives, zero where a count is needed; a folder, a missing folder or nothing
+where a file is to be written; a file where a run folder is read) with argparse's usage error, so a bad flag
+stops the program before any work is done."""
 import argparse
 import math
 import os
@@ -48,6 +49,15 @@ def non_negative_float(text):
     return value
 
 
+def group_size(text):
+    """An integer >= 2: completions per prompt, where each is judged against the others of its group."""
+    value = _number(text, int)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2 (a group of one has nothing to compare with), "
+                                         f"got {text}")
+    return value
+
+
 def fraction(text):
     """A number in (0, 1)."""
     value = _number(text, float)
@@ -63,9 +73,45 @@ def writable_file(path):
         raise ValueError(f"{path!r} must name a file, not {'a folder' if path.strip() else 'nothing'}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ValueError(f"{path!r}: the folder {folder} does not exist")
+        raise ValueError(f"{path!r}: {folder} is a file, not a folder" if os.path.exists(folder)
+                         else f"{path!r}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise ValueError(f"{path!r}: the folder {folder} is not writable")
+    return path
+
+
+def output_file(path):
+    """writable_file as an argument type (--json, --plot): its problem is a usage error, before any work."""
+    try:
+        return writable_file(path)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def existing_file(path):
+    """A path naming a file that exists (an input: --port)."""
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path!r} is {'a folder' if os.path.isdir(path) else 'no such file'}; "
+                                         f"expected a file")
+    return path
+
+
+def run_folder(path):
+    """A run folder to read (--run): a folder, or a path where one can be made; not empty, not a file."""
+    if path.strip() == "":
+        raise argparse.ArgumentTypeError("the run folder is an empty path")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path} is a file, not a run folder")
+    return path
+
+
+def output_folder(path):
+    """A folder to write into (--out of the fixtures): one that exists or can be made, and is writable."""
+    from .runs import check_folder
+    try:
+        check_folder(path)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return path
 
 

@@ -65,6 +65,11 @@ def parse_args(argv=None):
     ap.add_argument("--updates", "--ppo-updates", dest="ppo_updates", type=positive_int,
                     help="RL updates (PPO: a rollout of 64 and 4 epochs each; critic-free: 8 prompts x 8 each)")
     ap.add_argument("--labels", type=positive_int, help=f"prompts ranked by the annotator (K = {P.K} each)")
+    ap.add_argument("--batch-size", type=positive_int, default=P.PPO_BATCH,
+                    help=f"rollouts per RL update, a multiple of 8 (default {P.PPO_BATCH}: PPO's minibatches of "
+                         f"{P.PPO_MINIBATCH}; a critic-free method's groups of 8)")
+    ap.add_argument("--eval-prompts", type=positive_int, default=P.EVAL_PROMPTS,
+                    help=f"unseen prompts of the before/after comparison (default {P.EVAL_PROMPTS})")
     ap.add_argument("--full-reward-model", action="store_true",
                     help=f"train the reward model longer ({P.FULL_REWARD_MODEL['labels']} ranked prompts, "
                          f"{P.FULL_REWARD_MODEL['rm_steps']} steps, reward_config(full=True))")
@@ -89,6 +94,11 @@ def parse_args(argv=None):
         ap.error("--quick and --full-reward-model do not go together")
     if args.kl_horizon is not None and args.kl_target is None:
         ap.error("--kl-horizon needs --kl-target (the adaptive controller)")
+    if args.batch_size % 8 or args.batch_size % min(P.PPO_MINIBATCH, args.batch_size):
+        ap.error(f"--batch-size must be a multiple of 8, and of {P.PPO_MINIBATCH} from {P.PPO_MINIBATCH} on, got "
+                 f"{args.batch_size}")
+    if args.kl_target is not None and args.kl_coef == 0:
+        ap.error("--kl-target needs --kl-coef > 0: the adaptive controller scales kl_coef, so from 0 it stays 0")
     if args.algo != "ppo" and args.kl_target is not None:
         ap.error(f"--kl-target is PPO's adaptive controller; --algo {args.algo} uses a fixed --kl-coef")
     if args.algo == "ppo" and args.reward == "verifier":
@@ -107,9 +117,10 @@ def parse_args(argv=None):
               **(P.FULL_REWARD_MODEL if args.full_reward_model else {})}
     apply_preset(args, preset)
     if args.kl_target is not None and args.kl_horizon is None:
-        args.kl_horizon = max(1, args.ppo_updates * P.PPO_BATCH // 4)
-    if args.kl_target is not None and 0.2 * P.PPO_BATCH >= args.kl_horizon:
-        ap.error(f"--kl-horizon must exceed {0.2 * P.PPO_BATCH:g} (0.2 x the {P.PPO_BATCH} rollouts of an update)")
+        args.kl_horizon = max(1, args.ppo_updates * args.batch_size // 4)
+    if args.kl_target is not None and 0.2 * args.batch_size >= args.kl_horizon:
+        ap.error(f"--kl-horizon must exceed {0.2 * args.batch_size:g} (0.2 x the {args.batch_size} rollouts of an "
+                 f"update)")
     return args
 
 
@@ -189,9 +200,12 @@ def train_rl(args, policy, reference, reward_model, train_prompts, updates, rng,
         kl = (KLControllerConfig(kl_coef=args.kl_coef, adaptive=True, target=args.kl_target, horizon=args.kl_horizon)
               if args.kl_target else KLControllerConfig(kl_coef=args.kl_coef))
         return P.run_ppo(policy, reference, reward_model, train_prompts,
-                         P.ppo_config(updates, kl, lr=P.PPO_LR * lr_scale), rng, on_update=on_update, log=log)[0]
+                         P.ppo_config(updates, kl, lr=P.PPO_LR * lr_scale, batch_size=args.batch_size), rng,
+                         on_update=on_update, log=log)[0]
     preset = grpo.ALGOS[args.algo]
-    cfg = replace(preset, updates=updates, kl_coef=args.kl_coef, lr=preset.lr * lr_scale)
+    cfg = replace(preset, updates=updates, kl_coef=args.kl_coef, lr=preset.lr * lr_scale,
+                  prompts_per_update=args.batch_size // preset.group_size,
+                  minibatches=min(preset.minibatches, args.batch_size))
     if args.reward == "verifier":
         source, train_prompts = grpo.verifier_source(), [p for p in train_prompts if p.family == "arithmetic"]
     else:
@@ -252,7 +266,7 @@ def lora_report(run, args, policy, sft, reward_model, train_prompts):
 
 def evaluation_stage(run, args, policy, reference, reward_model, val_prompts, rng):
     t = run["rec"].stage("5. what RLHF changed, on unseen prompts")
-    c = P.compare_policies(policy, reference, reward_model, val_prompts, rng)
+    c = P.compare_policies(policy, reference, reward_model, val_prompts, rng, n=args.eval_prompts)
     before, after, w = c["before"], c["after"], c["win_rate"]
     print(side_by_side(c["prompts"], c["ref_samples"], c["samples"]))
     print("\nbehaviour before (SFT):\n" + format_behaviour_table(before))

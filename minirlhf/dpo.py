@@ -81,8 +81,7 @@ def _log_ratio_gap(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta):
     for name, x in arrays.items():
         if not np.all(np.isfinite(x)):
             raise ValueError(f"{name} holds a NaN or inf")
-    if not (np.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be finite and > 0, got {beta}")
+    V.number("dpo loss", "beta", beta, low=0, low_open=True)
     # Each log-ratio first, then their difference: the order of the reference's formula.
     return (arrays["logp_chosen"] - arrays["ref_chosen"]) - (arrays["logp_rejected"] - arrays["ref_rejected"])
 
@@ -130,6 +129,9 @@ def sequence_logprob_forward(logits, targets, mask, temperature=1.0):
     mask = np.asarray(mask)
     if mask.shape != np.shape(targets) or not np.isin(mask, (0, 1)).all():
         raise ValueError(f"mask must be a 0/1 array of the targets' shape {np.shape(targets)}, got {mask.shape}")
+    empty = np.flatnonzero(~mask.any(axis=1)) if mask.ndim == 2 else []
+    if len(empty):  # its log-prob would be 0, as if the response had probability 1
+        raise ValueError(f"mask rows {empty.tolist()} have no response token; a response has at least its EOS")
     token_logp, lcache = L.token_logprobs_forward(logits, targets, temperature)  # (B, T)
     mask = mask.astype(token_logp.dtype)
     return (token_logp * mask).sum(axis=1), (lcache, mask)
@@ -217,8 +219,7 @@ class DPOConfig:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"DPOConfig.loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
-        if not (np.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"DPOConfig.beta must be finite and > 0, got {self.beta}")
+        V.number("DPOConfig", "beta", self.beta, low=0, low_open=True)
         for name in ("steps", "batch_size", "log_every"):
             V.count("DPOConfig", name, getattr(self, name))
         V.count("DPOConfig", "warmup_steps", self.warmup_steps, minimum=0)

@@ -36,6 +36,7 @@ from scipy import stats
 
 from . import layers as L
 from . import transformer as tf
+from .cli import existing_file, non_negative_int, output_file
 from .kl import kl_estimators, token_rewards
 from .ppo_objective import gae, policy_loss_backward, policy_loss_forward
 from .tokenizer import BOS, EOS, PAD
@@ -263,6 +264,9 @@ def chi_square_p(observed, expected):
     """The chi-square test's p-value of counts against expected counts (same total), the cells expected to
     hold fewer than 5 draws pooled into one, and that pool into the next cell while it is still under 5: the
     test's chi-square approximation needs it (one draw of a response expected 0.01 times is not evidence)."""
+    if np.shape(observed) != np.shape(expected) or np.ndim(expected) != 1:
+        raise ValueError(f"observed {np.shape(observed)} and expected {np.shape(expected)} counts must be 1-D of one "
+                         f"length, one per outcome")
     order = np.argsort(expected, kind="stable")
     expected, observed = np.asarray(expected, np.float64)[order], np.asarray(observed, np.float64)[order]
     k = int(np.searchsorted(np.cumsum(expected), 5.0, side="right")) + 1  # the smallest cells, pooled, reach 5
@@ -293,6 +297,14 @@ def minirlhf_port():
                                logp, logp_ref, mask).items() if k in ("k1", "k2", "k3")})
 
 
+def port_file(path):
+    """--port's type: an existing Python file (importlib can load nothing else)."""
+    existing_file(path)
+    if not path.endswith(".py"):
+        raise argparse.ArgumentTypeError(f"{path!r} is not a Python file (.py)")
+    return path
+
+
 def load_port(path):
     """The module a port's file defines (importlib), for check_port."""
     import importlib.util
@@ -306,9 +318,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minirlhf.exact", formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Exact KL and policy gradient by enumeration, and the estimators; "
                                              "with --port, a port's estimators against them.\n\n" + PORT_PROTOCOL)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--port", help="a Python file defining the port's functions (the protocol above)")
+    ap.add_argument("--seed", type=non_negative_int, default=0, help="seed of the models and samples (default 0)")
+    ap.add_argument("--json", type=output_file, help="write the results here")
+    ap.add_argument("--port", type=port_file,
+                    help="a Python file defining the port's functions (the protocol above)")
     args = ap.parse_args(argv)
     if args.port:
         results = check_port(load_port(args.port), args.seed)

@@ -57,6 +57,7 @@ from . import fast
 from . import grpo_objective as go
 from . import layers as L
 from . import transformer as tf
+from . import validate as V
 from .kl import exact_kl, kl_estimators
 from .optim import AdamWConfig, adamw_init, adamw_step, all_or_nothing, lr_schedule
 from .ppo import minibatch, response_logprobs, response_part
@@ -96,21 +97,17 @@ class CriticFreeConfig:
     def __post_init__(self):
         for name in ("group_size", "prompts_per_update", "updates", "epochs", "minibatches", "max_sampling_rounds",
                      "overlong_cache"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"CriticFreeConfig.{name} must be an integer >= 1, got {value!r}")
+            V.count("CriticFreeConfig", name, getattr(self, name))
         choices = {"advantage": ADVANTAGES, "loss": LOSSES, "aggregator": go.AGGREGATORS,
                    "kl_placement": ("none", "loss", "reward"), "kl_loss": go.KL_LOSSES,
                    "overlong": ("none", "mask", "penalty")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"CriticFreeConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("lr", "max_grad_norm", "eps_low", "eps_high", "std_eps", "kl_coef"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
-                raise ValueError(f"CriticFreeConfig.{name} must be a finite number >= 0, got {value!r}")
-        if not (self.eps_low > 0 and self.eps_high > 0 and self.max_grad_norm > 0):
-            raise ValueError("CriticFreeConfig.eps_low, eps_high and max_grad_norm must be > 0")
+        for name in ("lr", "std_eps", "kl_coef"):
+            V.number("CriticFreeConfig", name, getattr(self, name), low=0)
+        for name in ("max_grad_norm", "eps_low", "eps_high"):
+            V.number("CriticFreeConfig", name, getattr(self, name), low=0, low_open=True)
         if self.std_ddof not in (0, 1):
             raise ValueError(f"CriticFreeConfig.std_ddof must be 0 or 1, got {self.std_ddof!r}")
         if self.advantage == "rloo" and self.group_size < 2:

@@ -60,6 +60,7 @@ are 0 anyway); the soft overlong penalty is 0 up to L_max - L_cache tokens, then
 """
 import numpy as np
 
+from . import validate as V
 from .kl import token_rewards, validate_masked
 from .ppo_objective import whiten
 
@@ -114,7 +115,8 @@ def grpo_advantages(rewards, groups=None, ddof=1, eps=1e-4):
     centred = r - (np.bincount(ids, r) / n)[ids].astype(r.dtype)
     var = np.bincount(ids, centred.astype(np.float64) ** 2) / np.maximum(n - ddof, 1)  # (groups,)
     flat = _equal_groups(r, ids, len(n)) | (n == 1)  # no spread: A = 0, never 0 / 0
-    adv = centred / (np.sqrt(var).astype(r.dtype)[ids] + r.dtype.type(eps))
+    with np.errstate(invalid="ignore", divide="ignore"):  # a flat group at eps = 0 is 0 / 0, replaced by 0 below
+        adv = centred / (np.sqrt(var).astype(r.dtype)[ids] + r.dtype.type(eps))
     return np.where(flat[ids], 0, adv).astype(r.dtype).reshape(shape)
 
 
@@ -131,7 +133,8 @@ def rloo_advantages(rewards, groups=None):
 def reinforce_pp_advantages(scores, logp, logp_ref, mask, kl_coef, groups=None, baseline=False):
     """REINFORCE++'s per-token advantages (B, T): k1 in the reward (kl.token_rewards, the score on EOS), the
     reward-to-go, whitened over the batch's valid tokens (ppo_objective.whiten: biased variance, eps 1e-8
-    inside the root; verl and OpenRLHF whiten with the unbiased variance). baseline=True subtracts each
+    inside the root; verl whitens with the unbiased variance, OpenRLHF with the biased one clamped at 1e-8
+    under the root). baseline=True subtracts each
     group's mean score first (groups: (B,) ids, needed then)."""
     scores = np.asarray(scores, np.float64)
     if baseline:
@@ -148,6 +151,7 @@ def broadcast(advantages, mask):
     a = np.asarray(advantages)
     if a.shape != np.shape(mask)[:1]:
         raise ValueError(f"advantages has shape {a.shape}, expected ({np.shape(mask)[0]},) for mask {np.shape(mask)}")
+    V.finite_array("advantages", a)
     return np.where(validate_masked(mask), a[:, None], 0).astype(a.dtype)
 
 
@@ -160,9 +164,12 @@ def dynamic_sampling_keep(rewards, groups=None):
 def overlong_penalty(lengths, max_len, cache_len):
     """DAPO's soft overlong punishment (eq. 13) of response lengths (B,): 0 up to max_len - cache_len tokens,
     then (max_len - cache_len - L) / cache_len, reaching -1 at max_len; -1 beyond. float64 (B,)."""
+    V.number("overlong_penalty", "max_len", max_len), V.number("overlong_penalty", "cache_len", cache_len)
     if not 0 < cache_len <= max_len:
         raise ValueError(f"need 0 < cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}")
     L = np.asarray(lengths, np.float64)
+    if not np.all(np.isfinite(L) & (L >= 0)):  # a NaN length would come out as a NaN penalty
+        raise ValueError(f"lengths must be finite and >= 0 (token counts), got {L[~(np.isfinite(L) & (L >= 0))][:4]}")
     return np.clip((max_len - cache_len - L) / cache_len, -1.0, 0.0)
 
 
@@ -260,10 +267,12 @@ def token_weights(mask, kind, max_len=None, n_rows=None, n_tokens=None, dtype=np
     if valid.ndim != 2:
         raise ValueError(f"mask must be (B, T), got shape {valid.shape}")
     lengths = valid.sum(axis=1)
-    n_rows = len(valid) if n_rows is None else n_rows
-    n_tokens = int(lengths.sum()) if n_tokens is None else n_tokens
-    if not n_rows >= 1:
-        raise ValueError(f"n_rows must be >= 1, got {n_rows}")
+    # the whole batch's counts, of which this (micro-)batch is a part: never fewer than its own
+    n_rows = V.count("token_weights", "n_rows", len(valid) if n_rows is None else n_rows, minimum=max(1, len(valid)))
+    n_tokens = V.count("token_weights", "n_tokens", int(lengths.sum()) if n_tokens is None else n_tokens,
+                       minimum=int(lengths.sum()))
+    if max_len is not None:
+        max_len = V.count("token_weights", "max_len", max_len)
     if kind == "seq_mean_token_mean":
         c = 1.0 / (n_rows * np.maximum(lengths, 1))[:, None]  # a row with no valid token counts in B (TRL)
     elif kind == "token_mean":

@@ -64,6 +64,8 @@ def kl_estimators(logp, logp_ref, mask):
     logp, logp_ref: (B, T) log-probs of the sampled tokens under the policy and the reference.
     """
     valid = validate_masked(mask, logp=logp, logp_ref=logp_ref)
+    if valid.ndim != 2:
+        raise ValueError(f"kl_estimators expects (B, T) arrays, got shape {valid.shape}")
     # Zero both inputs before subtracting, so padding (which may hold anything) never reaches exp.
     log_r = np.where(valid, logp_ref, 0) - np.where(valid, logp, 0)  # (B, T), 0 at padding
     out = {
@@ -86,16 +88,14 @@ def exact_kl(logits, logits_ref, temperature=1.0, mask=None):
     logits, logits_ref = np.asarray(logits), np.asarray(logits_ref)
     if logits.shape != logits_ref.shape:
         raise ValueError(f"logits has shape {logits.shape} but logits_ref has shape {logits_ref.shape}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = V.number("exact_kl", "temperature", temperature, low=0, low_open=True)  # a Python float
     if mask is None:
         mask = np.ones(logits.shape[:-1])
     mask = np.asarray(mask)
     if mask.shape != logits.shape[:-1]:
         raise ValueError(f"mask has shape {mask.shape} but logits has shape {logits.shape}; "
                          f"expected mask shape {logits.shape[:-1]}")
-    valid = validate_masked(mask)
-    temperature = float(temperature)  # a Python float keeps float32 logits float32
+    valid = validate_masked(mask)  # temperature is a Python float: float32 logits stay float32
     for name, z in (("logits", logits), ("logits_ref", logits_ref)):
         if not np.isfinite(z[valid]).all():
             raise ValueError(f"{name} holds a NaN or inf at a valid position")
@@ -124,8 +124,12 @@ class KLControllerConfig:
 
     def __post_init__(self):
         V.number("KLControllerConfig", "kl_coef", self.kl_coef, low=0)
+        V.boolean("KLControllerConfig", "adaptive", self.adaptive)
         V.number("KLControllerConfig", "target", self.target, low=0, low_open=True)
         V.count("KLControllerConfig", "horizon", self.horizon)
+        if self.adaptive and self.kl_coef == 0:  # the controller multiplies kl_coef: from 0 it never moves
+            raise ValueError("KLControllerConfig.kl_coef must be > 0 for the adaptive controller, which scales it "
+                             "(from 0 it would stay 0)")
 
 
 def update_kl_coef(kl_coef, kl, n_steps, config):
@@ -134,12 +138,10 @@ def update_kl_coef(kl_coef, kl, n_steps, config):
     kl: batch mean of the per-rollout summed k1 (kl_estimators(...)["k1_sum"].mean()).
     n_steps: rollouts in the batch. A fixed controller returns kl_coef unchanged.
     """
-    if not (np.isfinite(kl_coef) and kl_coef >= 0):
-        raise ValueError(f"kl_coef must be finite and >= 0, got {kl_coef}")
+    V.number("update_kl_coef", "kl_coef", kl_coef, low=0)
     if not np.isfinite(kl):
         raise ValueError(f"KL must be finite, got {kl}")
-    if not n_steps >= 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    V.count("update_kl_coef", "n_steps", n_steps)
     if not config.adaptive:
         return float(kl_coef)
     # With |e| <= 0.2, the factor 1 + e n / h stays > 0 only while n / h < 5.
@@ -167,9 +169,7 @@ def token_rewards(scores, logp, logp_ref, mask, kl_coef):
                          f"expected ({np.shape(mask)[0]},)")
     if not np.isfinite(scores).all():
         raise ValueError("scores holds a NaN or inf")
-    if not (np.isfinite(kl_coef) and kl_coef >= 0):
-        raise ValueError(f"kl_coef must be finite and >= 0, got {kl_coef}")
-    kl_coef = float(kl_coef)  # a Python float keeps float32 log-probs float32
+    kl_coef = V.number("token_rewards", "kl_coef", kl_coef, low=0)  # a Python float keeps float32 float32
     valid = validate_masked(mask, logp=logp, logp_ref=logp_ref)
     empty = np.flatnonzero(~valid.any(axis=1))
     if empty.size:

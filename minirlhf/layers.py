@@ -32,6 +32,8 @@ karpathy/llm.c's train_gpt2.c lay out the same ops.
 """
 import numpy as np
 
+from . import validate as V
+
 GELU_K = float(np.sqrt(2.0 / np.pi))  # sqrt(2/pi) of the tanh approximation
 
 
@@ -180,18 +182,30 @@ def check_targets(logits, targets):
     return targets
 
 
+def check_temperature(owner, temperature):
+    """tau as a Python float (float32 stays float32), or ValueError unless it is finite and > 0."""
+    return V.number(owner, "temperature", temperature, low=0, low_open=True)
+
+
 def cross_entropy_forward(logits, targets, mask):
     """Mean of -log softmax(logits)[target] over positions with mask 1.
 
-    logits: (B, T, V), targets: (B, T) ints, mask: (B, T) 0/1. cache: p, targets, mask, N_valid.
+    logits: (B, T, V), targets: (B, T) ints, mask: (B, T) 0/1 (weights >= 0 give the weighted mean, which
+    the gradient checks use as a random upstream gradient). cache: p, targets, mask, N_valid.
     """
     targets = check_targets(logits, targets)
+    mask = np.asarray(mask)
+    if mask.shape != targets.shape or not (mask >= 0).all():  # NaN fails >= 0 too
+        raise ValueError(f"cross_entropy: mask must be a 0/1 array (or weights >= 0) of the targets' shape "
+                         f"{targets.shape}, got {mask.dtype} {mask.shape}")
     n_valid = float(mask.sum())
     if n_valid == 0:
         raise ValueError("cross_entropy: the mask has no valid position")
     logp = log_softmax(logits)
     picked = np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # (B, T)
     loss = -(picked * mask.astype(logp.dtype)).sum() / logp.dtype.type(n_valid)
+    if not np.isfinite(loss):  # one scalar test: a NaN or +inf logit anywhere, or a target of logit -inf
+        raise ValueError("cross_entropy is not finite: logits hold a NaN or +inf, or a target's logit is -inf")
     return loss, (np.exp(logp), targets, mask, n_valid)
 
 
@@ -209,6 +223,7 @@ def token_logprobs_forward(logits, targets, temperature=1.0):
     The same tau is used when sampling, so scored and sampled distributions agree. cache: p, targets, tau.
     """
     targets = check_targets(logits, targets)
+    temperature = check_temperature("token_logprobs_forward", temperature)
     logp = log_softmax(logits / temperature)
     picked = np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return picked, (np.exp(logp), targets, temperature)
@@ -225,8 +240,15 @@ def token_logprobs_backward(dlogp, cache):
 def entropy_forward(logits, temperature=1.0):
     """Entropy of softmax(logits / tau) at every position: (B, T, V) -> (B, T). cache: p, logp, H, tau.
 
-    A logit of -inf (a token ruled out) has p = 0 and adds 0: 0 log 0 is taken as its limit, 0."""
-    logp = log_softmax(logits / temperature)
+    A logit of -inf (a token ruled out) has p = 0 and adds 0: 0 log 0 is taken as its limit, 0. A row with a
+    NaN or +inf logit, or with every logit -inf, has no distribution: ValueError."""
+    temperature = check_temperature("entropy_forward", temperature)
+    with np.errstate(invalid="ignore"):  # a row with no distribution turns NaN here, and is refused below
+        logp = log_softmax(logits / temperature)
+    bad = np.isnan(logp[..., 0])  # such a row's logp is NaN throughout (its max is NaN or infinite)
+    if bad.any():
+        raise ValueError(f"entropy_forward: logits hold a NaN or +inf, or only -inf, at position "
+                         f"{tuple(int(i) for i in np.argwhere(bad)[0])}")
     p = np.exp(logp)
     plogp = np.where(p > 0, p * np.where(p > 0, logp, 0), 0)
     H = -plogp.sum(axis=-1)

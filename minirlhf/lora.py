@@ -63,6 +63,7 @@ import numpy as np
 from . import fast
 from . import layers
 from . import transformer as tf
+from . import validate as V
 from .checkpoint import META, read_npz, atomic_write
 
 TARGETS = ("attn.w_qkv", "attn.w_proj", "mlp.w_fc", "mlp.w_proj")  # the linear layers of a block
@@ -190,7 +191,7 @@ def lora_linear_forward(x, W0, b, A, B, scale, L=layers):
     d_in, d_out = W0.shape
     if A.ndim != 2 or A.shape[0] != d_in or B.shape != (A.shape[1], d_out) or x.shape[-1] != d_in:
         raise ValueError(f"LoRA shapes do not fit: x {x.shape}, W0 {W0.shape}, A {A.shape}, B {B.shape}")
-    scale = float(scale)  # a Python float keeps float32 arrays float32
+    scale = V.number("lora_linear_forward", "scale", scale)  # a Python float keeps float32 arrays float32
     y, _ = L.linear_forward(x, W0, b)  # the frozen layer, x W0 + b; its cache is not needed
     sh = (x.reshape(-1, d_in) @ A) * scale  # s h = s x A, (N, r)
     y += (sh @ B).reshape(y.shape)  # + s (x A) B
@@ -209,14 +210,23 @@ def lora_linear_backward(dy, cache):
     return dx.reshape(x.shape), g.sum(axis=0), dA, dB
 
 
+def _check_update(W, A, B, scale, owner):
+    """s as a Python float, after checking that A (d_in, r) B (r, d_out) has W's shape (d_in, d_out): NumPy
+    would broadcast a (d_in, 1) product over every column."""
+    if np.ndim(W) != 2 or np.ndim(A) != 2 or np.shape(B) != (np.shape(A)[1], np.shape(W)[1]) \
+            or np.shape(A)[0] != np.shape(W)[0]:
+        raise ValueError(f"{owner}: A {np.shape(A)} B {np.shape(B)} is not the shape of the weight {np.shape(W)}")
+    return V.number(owner, "scale", scale)
+
+
 def merge(W0, A, B, scale):
     """W = W0 + s A B: the adapted layer as one plain weight (x W + b equals the op's y up to rounding)."""
-    return W0 + (A @ B) * float(scale)
+    return W0 + (A @ B) * _check_update(W0, A, B, scale, "merge")
 
 
 def unmerge(W, A, B, scale):
     """W0 = W - s A B: undoes merge (exactly in real arithmetic; in floating point to rounding)."""
-    return W - (A @ B) * float(scale)
+    return W - (A @ B) * _check_update(W, A, B, scale, "unmerge")
 
 
 # ---------------------------------------------------------------- the hooks transformer.py calls

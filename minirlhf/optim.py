@@ -62,6 +62,8 @@ def global_norm(grads):
 def clip_grads(grads, max_norm):
     """Scale every gradient by min(1, max_norm / (n + 1e-6)), n the global norm, as torch does (so a norm
     within 1e-6 below max_norm is scaled, by a factor a hair under 1). Returns (grads, n)."""
+    if max_norm is not None and max_norm != np.inf:
+        V.number("clip_grads", "max_norm", max_norm, low=0, low_open=True)
     norm = global_norm(grads)
     scale = 1.0 if max_norm is None else min(1.0, max_norm / (norm + 1e-6))
     if scale == 1.0:
@@ -83,7 +85,7 @@ def adamw_step(params, grads, state, cfg, lr=None):
             raise ValueError(f"gradient {k} has shape {g.shape}, parameter has {params[k].shape}")
         if not np.all(np.isfinite(g)):
             raise ValueError(f"gradient {k} is not finite; the step was not applied")
-    lr = cfg.lr if lr is None else lr
+    lr = cfg.lr if lr is None else V.number("adamw_step", "lr", lr, low=0)
     grads, norm = clip_grads(grads, cfg.max_grad_norm)
     state["t"] += 1
     t = state["t"]
@@ -106,6 +108,7 @@ def lr_schedule(step, total_steps, peak_lr, warmup_steps=0):
     to 0 at total_steps (the rate after the last step; a step past it is an error)."""
     if total_steps <= 0 or not 0 <= warmup_steps < total_steps:
         raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}")
+    V.count("lr_schedule", "step", step, minimum=0)
     if not 0 <= step <= total_steps:
         raise ValueError(f"step must be in [0, total_steps={total_steps}], got {step}")
     V.number("lr_schedule", "peak_lr", peak_lr, low=0)

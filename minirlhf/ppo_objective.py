@@ -32,6 +32,7 @@ their logging statistics, under TRL's names, in cache["stats"]; the backwards ne
 """
 import numpy as np
 
+from . import validate as V
 from .kl import validate_masked
 
 
@@ -54,9 +55,8 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     if valid.ndim != 2:
         raise ValueError(f"gae expects (B, T) arrays, got shape {valid.shape}")
     _check_prefix(valid)
-    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
-        raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
-    gamma, lam = float(gamma), float(lam)  # Python floats keep float32 inputs float32
+    gamma = V.number("gae", "gamma", gamma, low=0, high=1)  # Python floats keep float32 inputs float32
+    lam = V.number("gae", "lam", lam, low=0, high=1)
     r = np.where(valid, rewards, 0)  # (B, T)
     v = np.where(valid, values, 0)  # (B, T); 0 at padding is "V = 0 after the last valid token"
     B, T = r.shape
@@ -98,6 +98,7 @@ def whiten(x, mask, shift_mean=True, eps=1e-8):
     """
     x = np.asarray(x)
     valid = validate_masked(mask, x=x)
+    V.number("whiten", "eps", eps, low=0, low_open=True)  # eps = 0 would divide by a zero variance
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) / np.sqrt(var + x.dtype.type(eps))
     if not shift_mean:
@@ -105,13 +106,11 @@ def whiten(x, mask, shift_mean=True, eps=1e-8):
     return np.where(valid, out, 0)
 
 
-def _loss_inputs(mask, clip_eps, **arrays):
-    """Shared checks of the two losses: shapes, finite valid entries, a valid token, clip_eps > 0."""
+def _loss_inputs(mask, **arrays):
+    """Shared checks of the two losses: shapes, finite valid entries, a valid token."""
     valid = validate_masked(mask, **arrays)
     if not valid.any():
         raise ValueError("mask has no valid entries")
-    if not clip_eps > 0:
-        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
     return valid, {name: np.where(valid, x, 0) for name, x in arrays.items()}
 
 
@@ -124,8 +123,8 @@ def policy_loss_forward(logp, logp_old, advantages, mask, clip_eps=0.2):
       policy/clipfrac: fraction of valid tokens where the clip is active
       policy/approxkl: mean over valid tokens of 0.5 (logp - logp_old)^2 (k2 between old and new)
     """
-    clip_eps = float(clip_eps)  # a Python float keeps float32 inputs float32
-    valid, a = _loss_inputs(mask, clip_eps, logp=logp, logp_old=logp_old, advantages=advantages)
+    clip_eps = V.number("policy_loss_forward", "clip_eps", clip_eps, low=0, low_open=True)  # Python float
+    valid, a = _loss_inputs(mask, logp=logp, logp_old=logp_old, advantages=advantages)
     dtype = a["logp"].dtype.type
     n = dtype(valid.sum())
     log_ratio = a["logp"] - a["logp_old"]  # (B, T), 0 at padding
@@ -158,10 +157,9 @@ def value_loss_forward(values, values_old, returns, mask, clip_eps=0.2, vf_coef=
     cache: values, returns, clip_active, n, vf_coef (what backward needs) and stats, for logging:
       val/clipfrac: fraction of valid tokens where the clip is active
     """
-    clip_eps = float(clip_eps)  # a Python float keeps float32 inputs float32
-    valid, a = _loss_inputs(mask, clip_eps, values=values, values_old=values_old, returns=returns)
-    if not vf_coef >= 0:
-        raise ValueError(f"vf_coef must be >= 0, got {vf_coef}")
+    clip_eps = V.number("value_loss_forward", "clip_eps", clip_eps, low=0, low_open=True)  # Python float
+    valid, a = _loss_inputs(mask, values=values, values_old=values_old, returns=returns)
+    V.number("value_loss_forward", "vf_coef", vf_coef, low=0)
     v, v_old, R = a["values"], a["values_old"], a["returns"]
     dtype = v.dtype.type
     n = dtype(valid.sum())

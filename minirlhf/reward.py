@@ -57,6 +57,15 @@ class RewardModel:
     gain: float = 1.0  # fit_normalisation: scores of SFT samples get mean 0 and std 1
     bias: float = 0.0
 
+    def __post_init__(self):
+        try:
+            gain, bias = float(self.gain), float(self.bias)
+        except (TypeError, ValueError):
+            raise ValueError(f"RewardModel.gain and .bias must be numbers, got {self.gain!r}, {self.bias!r}") from None
+        if not (np.isfinite(gain) and gain > 0 and np.isfinite(bias)):  # else every later score is NaN or flipped
+            raise ValueError(f"RewardModel needs a finite gain > 0 and a finite bias, got gain {self.gain!r}, "
+                             f"bias {self.bias!r}")
+
 
 def init_reward_params(trunk_params, model_cfg, rng):
     """A reward model from a trained trunk (copied, so the SFT model stays as it is) and a fresh head."""
@@ -114,6 +123,7 @@ def score(rm, prompts, responses, batch_size=256):
     """Normalised score (float64) of each (prompt, response) text pair; every response must have ended."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: one response per prompt")
+    V.count("score", "batch_size", batch_size)
     out = [reward_forward(rm.params, rm.model_cfg, *encode_responses(prompts[i:i + batch_size],
                                                                      responses[i:i + batch_size]))[0]
            for i in range(0, len(prompts), batch_size)]
@@ -128,13 +138,22 @@ def score_samples(rm, prompts, samples):
     """
     if len(prompts) != len(samples):
         raise ValueError(f"{len(prompts)} prompts but {len(samples)} samples: one sample per prompt")
+    bad = next((i for i, s in enumerate(samples) if not (isinstance(s, (tuple, list)) and len(s) == 2)), None)
+    if bad is not None:
+        raise ValueError(f"samples[{bad}] is {samples[bad]!r}, not a (text, ended) pair")
     keys = sorted({(p, t) for p, (t, e) in zip(prompts, samples) if e})
     of = dict(zip(keys, score(rm, [p for p, _ in keys], [t for _, t in keys])))
     return np.array([of[(p, t)] if e else NO_EOS_SCORE for p, (t, e) in zip(prompts, samples)], np.float64)
 
 
 def sequence_scores(rm, tokens, mask, ended):
-    """Normalised scores (B,) of token sequences (prompt + response, any padding), NO_EOS_SCORE where not ended."""
+    """Normalised scores (B,) of token sequences (prompt + response, any padding), NO_EOS_SCORE where not ended.
+
+    ended: (B,) bool (an integer array would index rows instead of masking them)."""
+    ended = np.asarray(ended)
+    if ended.dtype != bool or ended.shape != np.shape(tokens)[:1]:
+        raise ValueError(f"ended must be a bool array of shape ({np.shape(tokens)[0]},), one flag per row of "
+                         f"tokens, got {ended.dtype} {ended.shape}")
     scores = np.full(len(ended), NO_EOS_SCORE, np.float64)
     if np.any(ended):
         scores[ended] = normalised(rm, reward_forward(rm.params, rm.model_cfg, tokens[ended], mask[ended])[0])
@@ -269,6 +288,9 @@ def expected_agreement(r_a, r_b, p_a):
     """P(the annotator's label agrees with the model's order) per pair, with p_a = P(annotator prefers a):
     p_a where r_a > r_b, 1 - p_a where r_a < r_b, 1/2 on a tie (a coin flip). Never above max(p_a, 1 - p_a)."""
     r_a, r_b, p_a = np.asarray(r_a), np.asarray(r_b), np.asarray(p_a)
+    if not r_a.shape == r_b.shape == p_a.shape:  # broadcasting would pair one score with every other
+        raise ValueError(f"r_a, r_b and p_a must have one shape (one entry per pair), got {r_a.shape}, {r_b.shape}, "
+                         f"{p_a.shape}")
     return np.where(r_a == r_b, 0.5, np.where(r_a > r_b, p_a, 1 - p_a))
 
 
@@ -283,13 +305,16 @@ def evaluate(rm, comparisons, annotator, n_bins=5):
                          pairs), and on the same footing as the exact ceiling, mean max(p, 1 - p), which
                          it can never exceed;
     and calibration bins of predicted P(a > b) = sigmoid(r_a - r_b) against the annotator's exact p."""
-    ended = [(c.prompt, c.responses[i]) for c in comparisons for i in range(len(c.responses)) if c.ended[i]]
-    r_all = score(rm, [p for p, _ in ended], [r for _, r in ended])  # each response scored once
-    r_of, rows = dict(zip(ended, r_all)), []
+    rows = []
     for c in comparisons:
         for w, l in scored_pairs(c):
             a, b = min(w, l), max(w, l)
             rows.append((c.prompt, c.responses[a], c.responses[b], w == a))
+    if not rows:
+        raise ValueError(f"evaluate: no scored pair (two ended responses) in {len(comparisons)} comparisons")
+    V.count("evaluate", "n_bins", n_bins)
+    ended = [(c.prompt, c.responses[i]) for c in comparisons for i in range(len(c.responses)) if c.ended[i]]
+    r_of = dict(zip(ended, score(rm, [p for p, _ in ended], [r for _, r in ended])))  # each response scored once
     ra = np.array([r_of[(p, a)] for p, a, _, _ in rows])
     rb = np.array([r_of[(p, b)] for p, _, b, _ in rows])
     a_won = np.array([won for *_, won in rows])

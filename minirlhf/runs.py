@@ -13,7 +13,10 @@ hash it had when written. Two rules keep runs apart:
 
   start_run refuses a folder that holds anything (another run, finished or not, or files that are no run's),
   unless force=True, which deletes a previous run's files first (a folder holding files no run wrote is
-  refused even then: minirlhf deletes only what it wrote).
+  refused even then: minirlhf deletes only what it wrote). A run starts in an empty folder, so every file
+  beside the manifest of a run that did not finish is that run's, written before it could record it (an
+  interrupted run's metrics.jsonl): force deletes those too. The manifest is deleted last, so a deletion
+  that is itself interrupted leaves a manifest naming what is left, and force can finish the job.
   open_run, which every consumer calls (load_run, the experiments in demos/), refuses a folder whose run did
   not finish, a file that is missing, changed since the run wrote it, or not the run's, naming the file and
   the command that re-makes the run. Temporary files (checkpoint.TMP_PREFIX) that a killed save can leave
@@ -61,6 +64,8 @@ def check_folder(folder):
     probe = folder
     while not os.path.exists(probe):  # the nearest existing parent must let us create the folder
         probe = os.path.dirname(os.path.abspath(probe))
+    if not os.path.isdir(probe):
+        raise ValueError(f"{folder}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{folder}: {'the folder' if probe == folder else probe} is not writable")
 
@@ -83,6 +88,9 @@ def read_manifest(folder):
             manifest = json.load(f)
         if not isinstance(manifest, dict) or "files" not in manifest or "status" not in manifest:
             raise ValueError("not a run manifest")
+        if not (isinstance(manifest["files"], dict) and all(isinstance(v, str) for v in manifest["files"].values())
+                and isinstance(manifest["status"], str) and isinstance(manifest.get("stages", []), list)):
+            raise ValueError("files must map names to hashes, status be a string and stages a list")
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable run manifest ({e})") from None
     return manifest
@@ -102,7 +110,8 @@ def check_start(folder, force=False):
     if not force:
         raise ValueError(f"{folder} holds another run ({manifest['status']}, seed {manifest.get('seed')}, "
                          f"id {manifest.get('run_id')}): choose another folder, or add --force to replace it")
-    foreign = [f for f in present if f != MANIFEST and f not in manifest["files"]]
+    # a finished run's unlisted files came after it; an unfinished run's were written by it (docstring)
+    foreign = [f for f in present if f != MANIFEST and f not in manifest["files"] and manifest["status"] == "finished"]
     foreign += [d for d in _subfolders(folder) if read_manifest(os.path.join(folder, d)) is None]
     if foreign:
         raise ValueError(f"{folder}: {', '.join(foreign)} belong to no run; --force deletes only what runs "
@@ -120,7 +129,8 @@ def start_run(folder, settings, seed, force=False, remake="python -m minirlhf.de
     settings: the run's flags (JSON); remake: the command that makes such a run, for messages; parent: the
     manifest of the finished run this one starts from (a tool's run in a subfolder of it), whose id it keeps.
     """
-    for f in check_start(folder, force):
+    doomed = check_start(folder, force)
+    for f in sorted(doomed, key=lambda f: f == MANIFEST):  # the manifest last (module docstring)
         path = os.path.join(folder, f)
         shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
     os.makedirs(folder, exist_ok=True)
@@ -148,23 +158,32 @@ def finish_run(folder, manifest):
     write_json(os.path.join(folder, MANIFEST), manifest)
 
 
+def _remake(folder, manifest):
+    """The command that re-makes the run of a folder, for messages."""
+    return f"{manifest.get('remake', 'python -m minirlhf.demo')} --out {folder} --force"
+
+
 def open_run(folder):
     """The manifest of the finished run in folder, after checking that the folder is that run and nothing
     else (module docstring); ValueError naming what is wrong and how to re-make the run."""
+    if not isinstance(folder, (str, os.PathLike)) or str(folder).strip() == "":
+        raise ValueError("the run folder is an empty path")
     if not os.path.isdir(folder):
-        raise ValueError(f"{folder}: no such run folder")
+        raise ValueError(f"{folder}: {'a file, not a run folder' if os.path.exists(folder) else 'no such run folder'}")
     manifest = read_manifest(folder)
     if manifest is None:
-        raise ValueError(f"{folder} holds no finished run (no {MANIFEST}): make one with "
-                         f"python -m minirlhf.demo --out {folder}")
-    remake = f"{manifest.get('remake', 'python -m minirlhf.demo')} --out {folder} --force"
+        present = _listing(folder)
+        raise ValueError(f"{folder} holds no run (no {MANIFEST}): " + (
+            f"make one with python -m minirlhf.demo --out {folder}" if not present else
+            f"its files ({', '.join(present[:5])}) are no run's; make a run in an empty or new folder"))
+    remake = _remake(folder, manifest)
     if manifest["status"] != "finished":
         raise ValueError(f"{folder}: its run did not finish (stages done: {', '.join(manifest['stages']) or 'none'}); "
                          f"re-make it with {remake}")
     for name in _listing(folder):
         if name != MANIFEST and name not in manifest["files"]:
             raise ValueError(f"{folder}/{name} does not belong to the run in {folder} (a file of another run?); "
-                             f"re-make the run with {remake}")
+                             f"move it out of the folder, or re-make the run with {remake} once it is gone")
     for name, digest in manifest["files"].items():
         path = os.path.join(folder, name)
         if not os.path.exists(path):
@@ -186,15 +205,38 @@ def save_policy_info(policy, stage, manifest):
             "seed": manifest["seed"]}
 
 
+def _checked_info(folder, name, info, manifest, build):
+    """build(info) (the Sampling or the RewardModel the info of checkpoint `name` describes), after checking
+    that the checkpoint is the run's own (its run_id); ValueError naming the file otherwise."""
+    path = os.path.join(folder, name)
+    if info.get("run_id", manifest.get("run_id")) != manifest.get("run_id"):
+        raise ValueError(f"{path} belongs to run {info['run_id']}, not to the run {manifest.get('run_id')} of its "
+                         f"folder; re-make the run with {_remake(folder, manifest)}")
+    try:
+        return build(info)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its info is unreadable ({type(e).__name__}: {e})") from None
+
+
 def load_run(folder, model_cfg=None):
     """The SFT policy, the reward model (with its normalisation) and the prompt split of a finished demo
     run, for the experiments in demos/ to start from. model_cfg: the architecture the caller needs."""
     manifest = open_run(folder)
+    missing = [f for f in ("sft.npz", "reward.npz", "split.json") if f not in manifest["files"]]
+    if missing:
+        raise ValueError(f"{folder}: its run has no {', '.join(missing)}: not a demo run (make one with "
+                         f"python -m minirlhf.demo --out DIR)")
     sft, cfg, info = load_checkpoint(os.path.join(folder, "sft.npz"), model_cfg, expect_extra=())
+    sampling = _checked_info(folder, "sft.npz", info, manifest, lambda i: tf.Sampling(**i["sampling"]))
     rm_params, _, rm_info = load_checkpoint(os.path.join(folder, "reward.npz"), cfg, expect_extra={"head.w", "head.b"})
-    with open(os.path.join(folder, "split.json")) as f:
-        split = json.load(f)
-    return {"sft": tf.Policy(sft, cfg, tf.Sampling(**info["sampling"])), "manifest": manifest,
-            "reward_model": RewardModel(rm_params, cfg, gain=rm_info["gain"], bias=rm_info["bias"]),
-            "train_prompts": [get_prompt(t) for t in split["train"]],
-            "val_prompts": [get_prompt(t) for t in split["val"]]}
+    reward_model = _checked_info(folder, "reward.npz", rm_info, manifest,
+                                 lambda i: RewardModel(rm_params, cfg, gain=i["gain"], bias=i["bias"]))
+    path = os.path.join(folder, "split.json")
+    try:
+        with open(path) as f:
+            split = json.load(f)
+        prompts = {part: [get_prompt(t) for t in split[part]] for part in ("train", "val")}
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not the run's prompt split ({type(e).__name__}: {e})") from None
+    return {"sft": tf.Policy(sft, cfg, sampling), "manifest": manifest, "reward_model": reward_model,
+            "train_prompts": prompts["train"], "val_prompts": prompts["val"]}

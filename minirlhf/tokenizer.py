@@ -36,6 +36,8 @@ _ITOS = np.array(list(SPECIALS) + list(CHARS), dtype=object)
 
 def encode(text):
     """Text -> list of ids (no BOS/EOS added). Unknown characters raise ValueError."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__} {text!r}")
     ids = []
     for pos, ch in enumerate(text):
         if ch not in _STOI:
@@ -84,8 +86,11 @@ def pad_batch(seqs, side="right", length=None):
     for b, s in enumerate(seqs):
         if len(s) == 0:
             continue
+        ids = np.asarray(s)
+        if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0:  # a float would be truncated silently
+            raise ValueError(f"sequence {b} must hold integer ids >= 0, got {ids.dtype} {ids.tolist()[:8]}")
         sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
-        tokens[b, sl] = s
+        tokens[b, sl] = ids
         mask[b, sl] = 1
     return tokens, mask
 
@@ -97,10 +102,13 @@ def encode_prompts(prompt_texts):
 
 def last_real_index(mask):
     """Column of the last 1 of each row of a (B, T) 0/1 mask; ValueError if a row has none."""
-    real = np.asarray(mask) > 0
+    mask = np.asarray(mask)
+    if not ((mask == 0) | (mask == 1)).all():  # a mask of 2s is a bug upstream, not a weight
+        raise ValueError("mask must hold only 0 and 1 (or False and True)")
+    real = mask > 0
     if real.ndim != 2 or not real.any(axis=1).all():
-        empty = np.flatnonzero(~real.any(axis=1)) if real.ndim == 2 else []
-        raise ValueError(f"mask must be (B, T) with at least one real token per row; rows {list(empty)} have none")
+        empty = np.flatnonzero(~real.any(axis=1)).tolist() if real.ndim == 2 else []
+        raise ValueError(f"mask must be (B, T) with at least one real token per row; rows {empty} have none")
     return real.shape[1] - 1 - np.argmax(real[:, ::-1], axis=1)
 
 

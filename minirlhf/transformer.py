@@ -125,6 +125,17 @@ def positions_from_mask(mask):
     return np.cumsum(mask, axis=1) - mask
 
 
+def check_params(params, model_cfg):
+    """ValueError naming the first parameter missing, extra or of the wrong shape for model_cfg (a walk over
+    the names and shapes: no pass over the arrays)."""
+    shapes = param_shapes(model_cfg)
+    for name, shape in shapes.items():
+        if name not in params:
+            raise ValueError(f"parameter {name} is missing (the model config {model_cfg} needs it)")
+        if np.shape(params[name]) != tuple(shape):
+            raise ValueError(f"parameter {name} has shape {np.shape(params[name])}, the config needs {tuple(shape)}")
+
+
 def check_tokens(model_cfg, tokens, mask=None):
     """(tokens, mask) as arrays, mask all ones if None; ValueError unless tokens is a (B, T) integer array of
     ids < V with T <= n_ctx and mask a 0/1 array of its shape."""
@@ -238,6 +249,7 @@ def lm_backward(dlogits, cache):
 
 def hidden_forward(params, model_cfg, tokens, mask=None):
     """tokens (B, T), mask (B, T) 0/1 or None (all real) -> final hidden states h (B, T, C), cache."""
+    check_params(params, model_cfg)
     return fast.run_forward(trunk_forward, params, model_cfg, *check_tokens(model_cfg, tokens, mask))
 
 
@@ -248,6 +260,7 @@ def hidden_backward(dh, cache):
 
 def forward(params, model_cfg, tokens, mask=None):
     """tokens (B, T) -> logits (B, T, V) for the next token at every position, cache."""
+    check_params(params, model_cfg)
     return fast.run_forward(lm_forward, params, model_cfg, *check_tokens(model_cfg, tokens, mask))
 
 
@@ -305,16 +318,17 @@ def generate(params, model_cfg, prompts, prompt_mask, max_new_tokens, rng, tempe
         logits   (B, N, V) the raw logits behind each sample (only with return_logits=True)
     One uniform per row per step is drawn from rng, whether or not the row has ended.
     """
+    P = np.shape(prompts)[1] if np.ndim(prompts) == 2 else 0
+    if P >= model_cfg.n_ctx:  # said of the prompt before check_tokens speaks of a sequence
+        raise ValueError(f"a prompt of length {P} fills n_ctx={model_cfg.n_ctx}: no room for a response")
     prompts, prompt_mask = check_tokens(model_cfg, prompts, prompt_mask)
     B, P = prompts.shape
-    if P >= model_cfg.n_ctx:
-        raise ValueError(f"a prompt of length {P} fills n_ctx={model_cfg.n_ctx}: no room for a response")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    validate.count("generate", "max_new_tokens", max_new_tokens)
     if P + max_new_tokens > model_cfg.n_ctx:
         raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds n_ctx={model_cfg.n_ctx}")
-    if not (np.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    validate.number("generate", "temperature", temperature, low=0, low_open=True)
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"generate: rng must be a numpy.random.Generator, got {type(rng).__name__}")
     ops = fast.decode_ops()
     if adapter is not None:
         from .lora import wrap  # lora.py: the base's linear layers with the adapter's low-rank update
@@ -357,12 +371,9 @@ class Sampling:
     max_new_tokens: int = 32  # response length cap; a response that reaches it without EOS has no EOS
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and np.isfinite(self.temperature)
-                and self.temperature > 0):
-            raise ValueError(f"Sampling.temperature must be a finite number > 0, got {self.temperature!r}")
-        if (isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer))
-                or self.max_new_tokens < 1):
-            raise ValueError(f"Sampling.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        object.__setattr__(self, "temperature", validate.number("Sampling", "temperature", self.temperature,
+                                                                low=0, low_open=True))
+        object.__setattr__(self, "max_new_tokens", validate.count("Sampling", "max_new_tokens", self.max_new_tokens))
 
 
 @dataclass(frozen=True)
@@ -408,6 +419,7 @@ def trainable(policy):
 def sample_responses(policy, prompt_texts, rng, batch_size=256):
     """The sampler every stage uses: one response per prompt text, [(response_text, ended)], ended = it
     emitted EOS. Batches of batch_size prompts, left-padded (tokenizer.encode_prompts)."""
+    validate.count("sample_responses", "batch_size", batch_size)
     out = []
     for i in range(0, len(prompt_texts), batch_size):
         tokens, mask = encode_prompts(prompt_texts[i:i + batch_size])

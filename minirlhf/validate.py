@@ -1,7 +1,7 @@
 """The checks every config and entry point makes of its numbers, with one message per kind of mistake: a
-count that is not a whole number >= its minimum, a number that is NaN, infinite or out of its range, a
-batch whose activations would not fit in memory. A bad value is refused where it is given, with a
-ValueError that names the field, before any work is done."""
+count that is not a whole number >= its minimum, a number that is NaN, infinite or out of its range, a switch
+that is not True or False, a batch whose activations would not fit in memory. A bad value is refused where it
+is given, with a ValueError that names the field, before any work is done."""
 import math
 import os
 
@@ -27,6 +27,13 @@ def number(owner, name, value, low=None, high=None, low_open=False, high_open=Fa
         right = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
         raise ValueError(f"{owner}.{name} must be {' and '.join(p for p in (left, right) if p)}, got {value!r}")
     return float(value)
+
+
+def boolean(owner, name, value):
+    """value, or ValueError unless it is True or False (a truthy string or number is not a switch)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{owner}.{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def finite_array(name, x):

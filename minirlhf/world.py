@@ -158,7 +158,7 @@ def get_prompt(prompt):
     """A Prompt given as itself or by its text; ValueError if the world has no prompt with that text."""
     if isinstance(prompt, Prompt):
         return prompt
-    if prompt not in _BY_TEXT:
+    if not isinstance(prompt, str) or prompt not in _BY_TEXT:
         raise ValueError(f"unknown prompt text {prompt!r}: not one of the world's prompts")
     return _BY_TEXT[prompt]
 
@@ -186,11 +186,17 @@ def split_prompts(prompts, val_fraction, rng):
 def sample_prompts(prompts, n, rng, family_weights=None):
     """n prompts with replacement: a family (uniformly of those present, or in proportion to
     family_weights), then one of its prompts uniformly, so the 72 arithmetic prompts do not drown the rest."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"sample_prompts: n must be an integer >= 0, got {n!r}")
     prompts = [get_prompt(p) for p in prompts]
     weights = family_weights or {f: 1.0 for f in FAMILIES}
     unknown = set(weights) - set(FAMILIES)
     if unknown:
         raise ValueError(f"unknown family {sorted(unknown)[0]!r} in family_weights; expected one of {FAMILIES}")
+    bad = {f: w for f, w in weights.items()
+           if not (isinstance(w, (int, float, np.integer, np.floating)) and np.isfinite(w) and w >= 0)}
+    if bad:  # a NaN weight would be dropped silently, an infinite one turn the draw into NaN
+        raise ValueError(f"family_weights must be finite numbers >= 0, got {bad}")
     groups = [(g, weights.get(f, 0.0)) for f in FAMILIES if (g := [p for p in prompts if p.family == f])]
     groups = [(g, w) for g, w in groups if w > 0]
     if not groups:

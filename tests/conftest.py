@@ -29,7 +29,8 @@ def demo_run_start():
 
 # A demo run of tiny step counts: seconds, and every file a finished run has. The tests of the demo and of
 # the scripts in demos/ start from it.
-TINY_RUN = ["--sft-steps", "30", "--rm-steps", "3", "--ppo-updates", "2", "--labels", "24"]
+TINY_RUN = ["--sft-steps", "30", "--rm-steps", "3", "--ppo-updates", "2", "--labels", "24", "--batch-size", "16",
+            "--eval-prompts", "40"]
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,12 @@ import numpy as np
 from scipy.special import erf, expit
 
 from minirlhf import dpo, kl, optim, ppo_objective as po, reward
+from minirlhf import grpo_objective as go
 from minirlhf import layers as L
 from minirlhf import transformer as tf
 from minirlhf.kit import reference as R
+from minirlhf.kit import reference_grpo as RG
+from minirlhf.kit.mistakes_grpo import MISTAKES_GRPO
 from minirlhf.kit.registry import reference
 from minirlhf.tokenizer import EOS, PAD
 
@@ -258,6 +261,137 @@ def tokens_only(fn):
     return lambda tokens: fn(np.asarray(tokens))
 
 
+
+# ---------------------------------------------------------------- critic-free methods and LoRA with a bug
+
+def cf_mistake(name, start):
+    """The output of `name` with the known mistake (mistakes_grpo.py) whose description starts with `start`."""
+    for description, _, fn in MISTAKES_GRPO[name]:
+        if description.startswith(start):
+            return fn
+    raise KeyError(f"{name}: no mistake {start!r}")
+
+
+def cf(name, start, grad=None):
+    """A forward-only port of `name` with that mistake (or with the given vjp)."""
+    return fwd(cf_mistake(name, start), grad)
+
+
+def model_cf(name, start):
+    """The same for a function of a model (the mistake takes the model's config first)."""
+    return lambda model_cfg: ((lambda **kw: cf_mistake(name, start)(model_cfg, **kw)),)
+
+
+def rloo_completion_major(rewards, groups=None):
+    """RLOO of (P, G) rewards read as TRL's RLOO lays them out, reshape(G, P): group j is column j."""
+    if groups is not None:
+        return go.rloo_advantages(rewards, groups)
+    r = np.asarray(rewards, np.float64)
+    return go.rloo_advantages(r.reshape(r.shape[1], r.shape[0]).T).T.reshape(r.shape)
+
+
+def token_loss_ratio_one(model_cfg):
+    """The ratio taken against logp itself (TRL's per_token_logps.detach() shortcut), whatever logp_old is."""
+    def forward(logp, logp_old, advantages, mask, eps_low, eps_high):
+        return go.token_loss_forward(logp, logp, advantages, mask, eps_low, eps_high)[0]
+
+    def vjp(dout, logp, logp_old, advantages, mask, eps_low, eps_high):
+        cache = go.token_loss_forward(logp, logp, advantages, mask, eps_low, eps_high)[1]
+        return {"logp": go.token_loss_backward(np.asarray(dout), cache)}
+    return forward, vjp
+
+
+def aggregate_padded_token_mean(losses, mask, kind, max_len, n_rows, n_tokens):
+    """token_mean as the mean over every position, padding included; the other aggregators right."""
+    if kind == "token_mean":
+        return losses.sum() / losses.size
+    return go.aggregate_forward(losses, mask, kind, max_len, n_rows, n_tokens)[0]
+
+
+def kl_with_grad(kind, grad):
+    """minirlhf's KL loss term with a hand-written backward grad(d, rho) instead of its own."""
+    def port(model_cfg):
+        forward = reference(f"kl_loss_{kind}", model_cfg)[0]
+
+        def vjp(dout, logp, logp_ref, mask, kind, logp_old=None):
+            valid = mask > 0
+            d = np.where(valid, logp, 0) - np.where(valid, logp_ref, 0)
+            rho = np.exp(np.where(valid, logp, 0) - np.where(valid, logp_old, 0)) if logp_old is not None else 1.0
+            return {"logp": np.where(valid, grad(d, rho) * dout, 0)}
+        return forward, vjp
+    return port
+
+
+def k3_without_expm1(logp, logp_ref, mask, kind, logp_old=None):
+    """k3 as TRL and OpenRLHF write it, exp(-d) - 1 + d: exact to 1e-16, but it cancels near d = 0."""
+    valid = mask > 0
+    d = np.where(valid, logp, 0) - np.where(valid, logp_ref, 0)
+    return np.where(valid, np.exp(-d) - 1 + d, 0)
+
+
+def lora_transposed_on_square(model_cfg):
+    """The update (A B) transposed where the layer is square (no shape error), right elsewhere."""
+    def forward(x, W0, b, A, B, alpha, rslora):
+        delta = A @ B
+        delta = delta.T if delta.shape[0] == delta.shape[1] else delta
+        return x @ W0 + b + RG.lora_scale(alpha, A.shape[1], rslora) * x @ delta
+    return (forward,)
+
+
+def lora_grad_into_w0(model_cfg):
+    """minirlhf's layer whose vjp also returns dW0 = x^T g: the base left trainable."""
+    forward, vjp = reference("lora_linear", model_cfg)
+
+    def leaky(dout, **kw):
+        g = np.asarray(dout).reshape(-1, kw["W0"].shape[1])
+        return {**vjp(dout, **kw), "W0": kw["x"].reshape(-1, kw["W0"].shape[0]).T @ g}
+    return forward, leaky
+
+
+def merge_transposed_on_square(W0, A, B, alpha, rslora):
+    """The merged update (A B) transposed where the weight is square (no shape error), right elsewhere."""
+    delta = RG.lora_scale(alpha, A.shape[1], rslora) * (A @ B)
+    delta = delta.T if delta.shape[0] == delta.shape[1] else delta
+    return {"merged": W0 + delta, "restored": W0 + delta - delta}
+
+
+def unmerge_without_scale(W0, A, B, alpha, rslora):
+    merged = RG.lora_merge(W0, A, B, alpha, rslora)["merged"]
+    return {"merged": merged, "restored": merged - A @ B}
+
+
+def lora_merged_in_place(model_cfg):
+    """The adapted forward merging W0 += s A B into the base in place and unmerging after: right to rounding,
+    but every call moves the base (and so the reference) by a rounding."""
+    ref_forward, ref_vjp = reference("lora_model", model_cfg)
+
+    def forward(params, adapter, tokens, mask, alpha, rslora):
+        if adapter is None:
+            return tf.forward(params, model_cfg, tokens, mask)[0]
+        rank = next(v for k, v in adapter.items() if k.endswith("lora_A")).shape[1]
+        s = RG.lora_scale(alpha, rank, rslora)
+        deltas = {k[:-len(".lora_A")]: s * (A @ adapter[k[:-len(".lora_A")] + ".lora_B"])
+                  for k, A in adapter.items() if k.endswith(".lora_A")}
+        for name, delta in deltas.items():
+            params[name] += delta
+        logits = tf.forward(params, model_cfg, tokens, mask)[0]
+        for name, delta in deltas.items():
+            params[name] -= delta
+        return logits
+    return forward, ref_vjp
+
+
+def lora_init_with(B_std=0.0, fan_in=None):
+    """minirlhf's init with B ~ N(0, B_std^2), or A's bound 1/sqrt(fan_in(d_in, r))."""
+    def init(d_in, d_out, rank, seed):
+        w = RG.lora_init(d_in, d_out, rank, seed)
+        r = np.random.default_rng(seed + 1000)
+        B = B_std * r.standard_normal(w["B"].shape)
+        A = w["A"] * np.sqrt(d_in) / np.sqrt(fan_in(d_in, rank)) if fan_in else w["A"]
+        return {"A": A, "B": B}
+    return lambda model_cfg: (init,)
+
+
 B = Bug
 BUGS = {
     # layers
@@ -432,6 +566,157 @@ BUGS = {
                    fwd(lambda steps, total_steps, peak_lr, warmup_steps: np.where(
                        steps < warmup_steps, peak_lr * steps / warmup_steps,
                        peak_lr * np.maximum(0, (total_steps - steps) / (total_steps - warmup_steps))))),
+    # critic-free: advantages and DAPO's filters
+    "grpo_std_ddof0": B("grpo_advantages", "GRPO's std with ddof 0 (np.std, torch's unbiased=False)",
+                        "TRL, verl and OpenRLHF take torch's Bessel std; at G = 2 ddof 0 moves A by sqrt 2",
+                        cf("grpo_advantages", "the std with ddof 0")),
+    "grpo_eps_inside": B("grpo_advantages", "GRPO's eps inside the root, sqrt(var + eps)",
+                         "LayerNorm's form carried over to TRL's std + 1e-4", cf("grpo_advantages", "eps inside")),
+    "grpo_no_exact_zero": B("grpo_advantages", "no exact-zero rule: a flat group's rounding noise / (std + eps)",
+                            "TRL's (r - mean) / (std + 1e-4): 2.3e-13 of noise becomes 2.3e-9, 0 / 0 at eps 0 "
+                            "(TRL PR 3502 logs frac_reward_zero_std)", cf("grpo_advantages", "no exact-zero")),
+    "grpo_verl_singleton": B("grpo_advantages", "a group of one passes A = r / (1 + eps) on",
+                             "verl compute_grpo_outcome_advantage: a group of one gets mean 0, std 1",
+                             cf("grpo_advantages", "verl's group of one")),
+    "grpo_eps_verl": B("grpo_advantages", "eps fixed at verl's 1e-6 whatever the argument",
+                       "verl's epsilon=1e-6 default kept in a port where eps is an argument (TRL: 1e-4)",
+                       cf("grpo_advantages", "eps 1e-6")),
+    "grpo_groups_contiguous": B("grpo_advantages", "group ids ignored: rows read as contiguous runs of G",
+                                "StarsfieldAI/R1-V issue 67: completions interleaved across prompts grouped by "
+                                "rewards.view(-1, G)", cf("grpo_advantages", "group ids ignored")),
+    "dr_grpo_no_exact_zero": B("dr_grpo_advantages", "r - r.mean() without the exact-zero rule",
+                               "rounding noise on flat groups escapes zero tests (DAPO's filter, TRL's "
+                               "frac_reward_zero_std)", cf("dr_grpo_advantages", "no exact-zero")),
+    "dr_grpo_std_kept": B("dr_grpo_advantages", "Dr. GRPO with GRPO's std division left on",
+                          "TRL scale_rewards / verl norm_adv_by_std_in_grpo left on (Liu et al. 2025 sec. 3.1)",
+                          cf("dr_grpo_advantages", "GRPO's std division")),
+    "rloo_divide_by_g": B("rloo_advantages", "RLOO's leave-one-out mean divided by G instead of G - 1",
+                          "the baseline written (sum - r) / G", cf("rloo_advantages", "the leave-one-out mean")),
+    "rloo_group_mean": B("rloo_advantages", "RLOO with the whole group's mean as baseline",
+                         "RLOO taken for GRPO's baseline (TRL's RLOO: (sum - r) / (k - 1))",
+                         cf("rloo_advantages", "the whole group's mean")),
+    "rloo_completion_major": B("rloo_advantages", "(P, G) rewards read as TRL's RLOO lays them out, (G, P)",
+                               "TRL rloo_trainer: rlhf_reward.reshape(rloo_k, -1) is completion-major; applied to "
+                               "prompt-major rows it mixes prompts (R1-V issue 67)", fwd(rloo_completion_major)),
+    "reinforce_pp_unbiased": B("reinforce_pp_advantages", "REINFORCE++ whitened with the unbiased variance",
+                               "verl compute_reinforce_plus_plus_outcome_advantage: masked_whiten, "
+                               "masked_var(unbiased=True)", cf("reinforce_pp_advantages", "whitened with")),
+    "reinforce_pp_no_to_go": B("reinforce_pp_advantages", "REINFORCE++ without the reward-to-go",
+                               "the return written as each token's own reward",
+                               cf("reinforce_pp_advantages", "no reward-to-go")),
+    "reinforce_pp_baseline_tiled": B("reinforce_pp_baseline", "REINFORCE++-baseline as verl computes it",
+                                     "verl compute_reinforce_plus_plus_baseline_outcome_advantage: the score minus "
+                                     "its group mean on every token, no reward-to-go",
+                                     cf("reinforce_pp_baseline", "verl's REINFORCE++-baseline")),
+    "reinforce_pp_baseline_std": B("reinforce_pp_baseline", "REINFORCE++-baseline dividing by the group's std too",
+                                   "GRPO's advantages reused as the baseline (OpenRLHF's reinforce_baseline: "
+                                   "'/ std is not needed')", cf("reinforce_pp_baseline", "the group's std")),
+    "dynamic_sampling_std": B("dynamic_sampling_keep", "groups kept when np.std > 0, and groups of one",
+                              "verl's DAPO filter: std > 0 or len == 1; np.std of three 0.1 is 1.4e-17",
+                              cf("dynamic_sampling_keep", "groups kept when np.std")),
+    "overlong_over_max": B("overlong_penalty", "the overlong penalty divided by L_max instead of L_cache",
+                           "DAPO eq. 13 misread", cf("overlong_penalty", "divided by L_max")),
+    "overlong_no_floor": B("overlong_penalty", "the overlong penalty without its floor at -1",
+                           "verl's overlong buffer: min(-exceed_len / overlong_buffer_len * factor, 0)",
+                           cf("overlong_penalty", "no floor")),
+    # critic-free: policy losses
+    "clip_higher_ignored": B("token_loss", "eps_low on both sides: DAPO's clip-higher lost",
+                             "clip-higher ported with a single epsilon (TRL's epsilon before epsilon_high)",
+                             cf("token_loss", "eps_low on both")),
+    "clip_eps_swapped": B("token_loss", "eps_low and eps_high swapped", "argument order of verl's clip_ratio_low "
+                          "/ clip_ratio_high, TRL's epsilon_low / epsilon_high", cf("token_loss", "eps_low and")),
+    "token_ratio_one": B("token_loss", "the ratio taken against logp itself, logp_old ignored",
+                         "TRL's old_per_token_logps = per_token_logps.detach() shortcut (right only when "
+                         "num_iterations = 1) used off-policy; TRL issues 2703, 3452: that loss is 0 on policy",
+                         token_loss_ratio_one),
+    "token_log_ratio_clamped": B("token_loss", "the log-ratio clamped to +-20",
+                                 "verl compute_policy_loss_vanilla: negative_approx_kl clamped to [-20, 20]",
+                                 cf("token_loss", "the log-ratio clamped")),
+    "gspo_sum": B("sequence_loss", "GSPO's ratio from the sum of the log-ratios, not their mean",
+                  "GSPO's (pi / pi_old)^(1/|y|) read as the whole sequence's ratio", cf("sequence_loss", "the sum")),
+    "gspo_padded_width": B("sequence_loss", "GSPO's mean over the padded width T",
+                           "mask.sum(-1) replaced by the width of the batch", cf("sequence_loss", "the mean over")),
+    "gspo_token_ratio": B("sequence_loss", "GSPO with per-token ratios averaged per row",
+                          "TRL's importance_sampling_level left at 'token'", cf("sequence_loss", "per-token ratios")),
+    "sequence_sum_as_mean": B("sequence_loss_sum", "the summed sequence ratio taken as GSPO's mean",
+                              "ratio 'sum' and 'mean' confused", cf("sequence_loss_sum", "the mean")),
+    "reinforce_mean": B("reinforce_loss", "REINFORCE's log-probs averaged over the tokens",
+                        "sequence log-prob averaged, as TRL's IPO averages", cf("reinforce_loss", "the log-probs")),
+    # critic-free: aggregators
+    "token_mean_local": B("token_weights", "token_mean normalised by each micro-batch's own token count",
+                          "TRL issue 3021 (bnpo per micro-batch: gradient accumulation changes the update); "
+                          "open-instruct PR 1161", cf("token_weights", "token_mean normalised by the micro")),
+    "token_mean_double_ga": B("token_weights", "token_mean divided by the whole batch's tokens and again by the "
+                              "number of micro-batches", "TRL issue 5619 / PR 6024: DAPO's normaliser counts "
+                              "another batch than the accumulated one; ms-swift issue 10117",
+                              cf("token_weights", "token_mean normalised by the whole")),
+    "grpo_as_token_mean": B("token_weights", "GRPO's seq_mean_token_mean computed as the token mean",
+                            "TRL issue 2995 (PR 2881 made GRPO's loss the global token mean: a non-zero on-policy "
+                            "loss); verl issue 593", cf("token_weights", "seq_mean_token_mean computed")),
+    "constant_padded_width": B("token_weights", "Dr. GRPO's constant normaliser with the padded width T",
+                               "verl agg_loss seq-mean-token-sum-norm: loss_mask.shape[-1]",
+                               cf("token_weights", "constant normalised by the padded")),
+    "constant_no_rows": B("token_weights", "Dr. GRPO's constant normaliser without the row count",
+                          "verl issue 3741: seq-mean-token-sum-norm sums over rows, so the loss scales with the "
+                          "micro-batch size", cf("token_weights", "constant without")),
+    "constant_as_seq_mean": B("aggregate", "the constant aggregator computed as seq_mean_token_mean",
+                              "Dr. GRPO run with GRPO's loss_type (TRL 'grpo' for 'dr_grpo')",
+                              cf("aggregate", "constant computed as")),
+    "token_mean_with_padding": B("aggregate", "token_mean as the mean over every position, padding included",
+                                 "open-instruct PR 535: a loss term averaged over padding",
+                                 fwd(aggregate_padded_token_mean)),
+    # critic-free: the KL as a loss term
+    "k3_ratio_upside_down": B("kl_loss_k3", "k3 as e^d - 1 - d: the ratio upside down",
+                              "TRL issue 2914 (which ratio k3 takes); Schulman's r = p_ref / p read the other way",
+                              cf("kl_loss_k3", "k3 as e^d")),
+    "k3_clamped": B("kl_loss_k3", "k3 clamped to [-10, 10]", "verl kl_penalty low_var_kl; OpenRLHF "
+                    "compute_approx_kl", cf("kl_loss_k3", "clamped")),
+    "k3_no_expm1": B("kl_loss_k3", "k3 as exp(-d) - 1 + d, which cancels near d = 0",
+                     "TRL's exp(ref - logp) - (ref - logp) - 1, OpenRLHF's log_ratio.exp() - 1 - log_ratio "
+                     "(negative in float32 near 0)", fwd(k3_without_expm1)),
+    "k3_grad_of_k2": B("kl_loss_k3", "k3's backward taking d, k2's (the reverse KL's) gradient, for 1 - e^-d",
+                       "hand-written backward; OpenRLHF PR 1309: k3's gradient is the forward KL's",
+                       kl_with_grad("k3", lambda d, rho: d)),
+    "kl_detached": B("kl_loss_k2", "the KL loss term without a gradient", "open-instruct issue 530 / PR 531: "
+                     "the KL loss computed under torch.no_grad()", kl_with_grad("k2", lambda d, rho: 0 * d)),
+    "k1_for_k3": B("kl_loss_k3", "k1 as the loss term where k3 is asked", "open-instruct issue 534: k1 in the "
+                   "loss ignores the reference in its expected gradient", cf("kl_loss_k3", "k1 in its place")),
+    "rho_detached": B("kl_loss_rho_k3", "rho k3 with rho detached: gradient rho (1 - e^-d), not rho d",
+                      "TRL issue 4637 / PR 4638; PR 6503's review: coef_1 is differentiable, so the gradient "
+                      "changes even where rho = 1", kl_with_grad("rho_k3", lambda d, rho: -rho * np.expm1(-d))),
+    "kl_padding": B("kl_loss_k1", "the KL term not zeroed at padding", "open-instruct PR 535: (beta * kl).mean() "
+                    "over padding", fwd(lambda logp, logp_ref, mask, kind, logp_old=None: logp - logp_ref)),
+    # LoRA
+    "lora_scale_alpha": B("lora_linear", "LoRA's update scaled by alpha, not alpha / r",
+                          "PEFT's scaling = lora_alpha / r ported as lora_alpha", cf("lora_linear", "the update "
+                                                                                      "scaled by alpha")),
+    "lora_rslora_ignored": B("lora_linear", "rsLoRA's flag ignored: alpha / r", "use_rslora dropped (PEFT: "
+                             "lora_alpha / sqrt(r); Kalajdzievski 2023)", cf("lora_linear", "alpha / r under")),
+    "lora_update_transposed": B("lora_linear", "the update transposed on square layers", "PEFT's delta weight "
+                                "lora_B.weight @ lora_A.weight is (out, in); added to an (in, out) W0 without .T, "
+                                "a square layer raises no shape error", lora_transposed_on_square),
+    "lora_grad_into_w0": B("lora_linear", "a gradient for the frozen W0", "the base left trainable (PEFT freezes "
+                           "it: _mark_only_adapters_as_trainable)", lora_grad_into_w0),
+    "merge_no_scale": B("lora_merge", "LoRA merged without its scale, W0 + A B", "PEFT's get_delta_weight "
+                        "multiplies by scaling; a hand merge without it", cf("lora_merge", "merged without")),
+    "merge_transposed": B("lora_merge", "the merged update transposed", "PEFT's transpose(B @ A, fan_in_fan_out) "
+                          "added to an (in, out) weight", fwd(merge_transposed_on_square)),
+    "unmerge_no_scale": B("lora_merge", "unmerge without the scale (merge right)", "merge and unmerge written "
+                          "apart, the scale in one of them", fwd(unmerge_without_scale)),
+    "lora_model_scale_alpha": B("lora_model", "the adapted model scaled by alpha, not alpha / r", "as "
+                                "lora_scale_alpha, in the model", model_cf("lora_model", "the update scaled")),
+    "lora_model_attention_only": B("lora_model", "only attention's layers adapted, the MLP's adapters ignored",
+                                   "PEFT's default target_modules are attention projections for many models; "
+                                   "the adapter names the MLP's too", model_cf("lora_model", "only attention")),
+    "lora_merged_in_place": B("lora_model", "the forward merges into the base in place and unmerges after",
+                              "merge_adapter / unmerge_adapter around a forward: each call moves the base, and "
+                              "so the reference, by a rounding", lora_merged_in_place),
+    "lora_init_b_random": B("lora_init", "B initialised random, not 0", "PEFT init_lora_weights=False: B keeps "
+                            "nn.Linear's init, the adapter is no longer a no-op (TRL issue 3194: the reference is "
+                            "then not the starting policy)", lora_init_with(B_std=0.01)),
+    "lora_init_fan_in_r": B("lora_init", "A's kaiming-uniform bound from fan-in r", "torch's kaiming_uniform_ on "
+                            "the (in, r) A takes fan-in r; PEFT inits lora_A.weight (r, in)",
+                            lora_init_with(fan_in=lambda d_in, r: r)),
 }
 
 

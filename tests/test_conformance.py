@@ -8,6 +8,7 @@ import pytest
 from minirlhf import kl
 from minirlhf.kit import conformance_rl as K
 from minirlhf.kit import reference as R
+from minirlhf.kit import reference_grpo as RG
 from minirlhf.kit.gradcheck import MODEL_TOL, OP_TOL
 from minirlhf.kit.inputs import FIXTURE_MODEL, KIT_MODEL
 from minirlhf.kit.registry import FUNCTIONS, check, reference
@@ -19,6 +20,8 @@ def minirlhf_as_a_port(name):
     """The arguments check_<name> takes, for minirlhf itself."""
     if name == "generate":
         return (R.generate_adapter(KIT_MODEL),)
+    if name == "lora_init":
+        return (RG.lora_init,)
     if name == "rollout":
         return reference(name, FIXTURE_MODEL)[0], R.logprobs_adapter(FIXTURE_MODEL)
     if name == "ppo_minibatch":
@@ -29,7 +32,7 @@ def minirlhf_as_a_port(name):
 
 def test_every_function_has_a_check_and_a_fixture():
     without_fixture = {name for name, entry in FUNCTIONS.items() if entry.inputs is None}
-    assert without_fixture == {"generate"}  # a sampler's draws are the port's own: it gets a statistical check
+    assert without_fixture == {"generate", "lora_init"}  # random draws are the port's own: statistical checks
     assert set(CHECKED) == set(FUNCTIONS)
 
 
@@ -66,3 +69,23 @@ def test_no_false_alarm_on_a_kl_that_rounds_below_zero():
     K.check_exact_kl(rounding_kl, max_examples=10)
     with pytest.raises(AssertionError, match=r"exact KL at tau .*: at index .* got .*, expected"):
         K.check_exact_kl(lambda **kw: kl.exact_kl(**kw) - 0.01 * kw["mask"], max_examples=5)
+
+
+def test_critic_free_and_lora_failures_name_their_mistakes():
+    """A GRPO port with the biased std and a LoRA layer scaled by alpha fail, and the message says which known
+    mistake they match; a port that raises on groups of unequal sizes fails the check, not the kit."""
+    from minirlhf import grpo_objective as go
+    from minirlhf.kit import conformance_grpo as G, conformance_lora as LO
+    with pytest.raises(AssertionError) as e:
+        G.check_grpo_advantages(lambda rewards, groups=None, ddof=1, eps=1e-4: go.grpo_advantages(
+            rewards, groups, 0, eps), max_examples=5)
+    assert "matches a known mistake: the std with ddof 0 (the biased std) [grpo_std]" in str(e.value)
+    with pytest.raises(AssertionError) as e:
+        LO.check_lora_linear(lambda x, W0, b, A, B, alpha, rslora: x @ W0 + b + alpha * (x @ A) @ B, max_examples=10)
+    assert "[lora_scale, lora_layout]" in str(e.value) and "the update scaled by alpha, not alpha / r" in str(e.value)
+
+    def contiguous(rewards, groups=None):  # rewards.view(-1, G) of rows in order, whatever the ids
+        r = np.asarray(rewards, np.float64)
+        return go.dr_grpo_advantages(r if groups is None else r.reshape(len(np.unique(groups)), -1)).reshape(r.shape)
+    with pytest.raises(AssertionError, match=r"\[group_ids\]"):
+        G.check_dr_grpo_advantages(contiguous, max_examples=5)

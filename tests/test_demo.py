@@ -68,7 +68,7 @@ def test_a_critic_free_method_runs_in_stage_4(argv, algo, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in rows if r["stage"] == algo]
     assert len(rl) == 2 and all({"reward", "reward_std", "frac_reward_zero_std", "objective/kl"} <= set(r) for r in rl)
-    assert summary["rl"]["kl"] > 0  # the policy moved
+    assert summary["rl"]["kl_exact"] > 0  # the policy moved (the exact KL along the samples; k1 may be < 0)
 
 
 def current_umask():

@@ -542,7 +542,7 @@ def test_overlong_masking_leaves_truncated_completions_out():
 @pytest.mark.parametrize("change, field", [({"group_size": 0}, "group_size"), ({"aggregator": "mean"}, "aggregator"),
                                            ({"kl_coef": -1.0}, "kl_coef"), ({"advantage": "rloo", "group_size": 1},
                                                                             "group_size"),
-                                           ({"loss": "reinforce"}, "loss"), ({"eps_high": 0.0}, "eps_low"),
+                                           ({"loss": "reinforce"}, "loss"), ({"eps_high": 0.0}, "eps_high"),
                                            ({"advantage": "reinforce_pp"}, "advantage")])
 def test_config_names_the_bad_field(change, field):
     with pytest.raises(ValueError, match=field):

@@ -45,6 +45,8 @@ def run_fixture(bug):
 def test_the_catalogue_is_large_and_covers_the_porting_surface():
     assert len(BUGS) >= 30
     assert len({bug.function for bug in BUGS.values()}) >= 25
+    new = {name for name, entry in FUNCTIONS.items() if entry.function.startswith(("grpo_objective.", "lora."))}
+    assert len(new) == 21 and new <= {bug.function for bug in BUGS.values()}  # every critic-free and LoRA function
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The PyTorch port (demos/port_torch.py) checked with the conformance kit and the fixtures where torch is
-installed (skipped elsewhere), and a clean exit 0 where it is not."""
+installed (skipped elsewhere), and a clean exit 0 where it is not: the transformer, the PPO and preference
+losses, the critic-free methods and LoRA."""
 import json
 import os
 import subprocess
@@ -8,6 +9,10 @@ import sys
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "demos", "port_torch.py")
+CRITIC_FREE = {"grpo_advantages", "dr_grpo_advantages", "rloo_advantages", "reinforce_pp_advantages",
+               "reinforce_pp_baseline", "token_loss", "sequence_loss", "sequence_loss_sum", "reinforce_loss",
+               "token_weights", "aggregate", "kl_loss_k1", "kl_loss_k2", "kl_loss_k3", "kl_loss_rho_k3"}
+LORA = {"lora_linear", "lora_merge", "lora_model"}  # and lora_init, a check without a fixture
 
 
 def test_torch_port_agrees_with_minirlhf(tmp_path):
@@ -17,7 +22,8 @@ def test_torch_port_agrees_with_minirlhf(tmp_path):
     assert run.returncode == 0 and "all checks passed" in run.stdout, run.stdout + run.stderr
     result = json.loads(out.read_text())
     assert set(result["fixtures"]) == {"transformer", "value_model", "token_logprobs", "policy_loss", "value_loss",
-                                       "bt_loss", "ppo_minibatch"}
+                                       "bt_loss", "ppo_minibatch", *CRITIC_FREE, *LORA}
+    assert set(result["kit"]) == set(result["fixtures"]) - {"ppo_minibatch"} | {"lora_init"}
     assert result["exact"] and all(r["ok"] for r in result["exact"].values())  # exact.py's protocol, plugged in
     assert max(result["fixtures"].values()) < 1e-10
     assert result["direct"]["logits_max_abs_diff"] < 1e-10 and result["direct"]["grads_max_diff_over_max_grad"] < 1e-10

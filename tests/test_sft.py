@@ -67,9 +67,11 @@ def test_bad_config_and_data():
         sft.make_batch([("hi", "YO")])
 
 
+@pytest.mark.slow
 def test_the_demo_sft_model_behaves_well_only_part_of_the_time(demo_run_start):
     """The demo's SFT stage (default length): every family's preferred behaviour is neither rare nor the
-    rule, so preferences and PPO have room to improve it."""
+    rule, so preferences and PPO have room to improve it. Slow (the demo's whole SFT, about 20 s): run with
+    `python -m pytest -m slow`; demos/seed_sweep.py measures the same on ten seeds."""
     from minirlhf.world import FAMILIES, behaviour_metrics, sample_prompts
     policy, history, val = demo_run_start["policy"], demo_run_start["history"], demo_run_start["val"]
     rng = np.random.default_rng(1)

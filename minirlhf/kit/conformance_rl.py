@@ -322,6 +322,7 @@ def check_sequence_logprob(forward, vjp=None, max_examples=20):
         z, tau, seed = args
         r = np.random.default_rng(seed)
         y, mask = r.integers(0, z.shape[-1], z.shape[:2]), r.integers(0, 2, z.shape[:2])
+        mask[~mask.any(1), -1] = 1  # a response has at least its EOS (an empty row is refused)
         lp = np.take_along_axis(log_softmax(z / tau, -1), y[..., None], -1)[..., 0]
         inputs = {"logits": z, "targets": y, "mask": mask, "temperature": tau}
         compare("sequence_logprob", forward(**inputs), (lp * mask).sum(1),

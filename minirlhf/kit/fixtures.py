@@ -28,6 +28,7 @@ import zlib
 
 import numpy as np
 
+from ..cli import output_folder
 from .gradcheck import assert_close, worst
 from .inputs import FIXTURE_MODEL
 from .mistakes import diagnose
@@ -159,7 +160,7 @@ def compare(path, forward, vjp=None, tol=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minirlhf.kit.fixtures",
                                  description="Write minirlhf's golden fixtures (.npz and index.json).")
-    ap.add_argument("--out", required=True, help="directory to write into")
+    ap.add_argument("--out", required=True, type=output_folder, help="directory to write into")
     ap.add_argument("--only", nargs="+", choices=sorted(FIXTURES), help="write only these fixtures")
     args = ap.parse_args(argv)
     index = write_fixtures(args.out, args.only)

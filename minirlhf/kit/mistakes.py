@@ -17,6 +17,7 @@ from .. import transformer as tf
 from ..reward import NO_EOS_SCORE, RewardModel, normalised, sequence_scores
 from ..tokenizer import EOS, last_real_index, response_mask
 from .gradcheck import worst
+from .mistakes_grpo import MISTAKES_GRPO, MODEL_BASED as MODEL_BASED_GRPO
 
 
 def _k(logp, logp_ref, mask):
@@ -128,7 +129,7 @@ def _rollout_variant(kind):
     return fn
 
 
-MODEL_BASED = {"ppo_minibatch", "rollout"}  # mistakes whose function takes the model's config first
+MODEL_BASED = {"ppo_minibatch", "rollout"} | MODEL_BASED_GRPO  # mistakes whose function takes the model's config
 MISTAKES = {
     "layernorm": [("the unbiased variance (divide by C - 1)", "layernorm_biased",
                    lambda x, g, b: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, ddof=1, keepdims=True) + 1e-5)
@@ -223,6 +224,9 @@ MISTAKES = {
 }
 
 
+MISTAKES.update(MISTAKES_GRPO)  # the critic-free methods' and LoRA's (mistakes_grpo.py)
+
+
 def _ranking_flat(rewards, valid, margin, center_coef):
     K = rewards.shape[1]
     pairs = [(x[i], x[j]) for x, ok in zip(rewards, valid) for i in range(K) for j in range(i + 1, K)
@@ -239,14 +243,20 @@ def _matches(a, b, tol):
 
 def diagnose(name, inputs, output, model_cfg=None, tol=1e-8):
     """The descriptions (with their convention ids) of the known mistakes of `name` whose output on inputs
-    matches the port's output. model_cfg: the model the inputs are for (the functions of MODEL_BASED)."""
-    found = []
+    matches the port's output, on the outputs the conventions define (registry.Entry.defined). model_cfg:
+    the model the inputs are for (the functions of MODEL_BASED)."""
+    from .registry import FUNCTIONS
+    entry, found = FUNCTIONS.get(name), []
+    defined = entry.defined(inputs) if entry is not None and entry.defined is not None else None
     for description, convention, fn in MISTAKES.get(name, []):
         try:
             with np.errstate(all="ignore"):
                 expected = fn(model_cfg, **inputs) if name in MODEL_BASED else fn(**inputs)
-        except (ValueError, FloatingPointError, ZeroDivisionError, KeyError, IndexError):
+        except (ValueError, FloatingPointError, ZeroDivisionError, KeyError, IndexError, TypeError):
             continue
+        if defined is not None and not isinstance(expected, dict) and np.shape(expected) == np.shape(output):
+            where = np.broadcast_to(defined, np.shape(expected))
+            expected, output = np.where(where, expected, 0), np.where(where, np.asarray(output, np.float64), 0)
         if _matches(output, expected, tol):
             found.append(f"{description} [{convention}]")
     return found

@@ -1,5 +1,5 @@
 """Naive oracles: the textbook formula written one element at a time, to check the vectorised code against
-(attention, GAE, AdamW). Slow on purpose and obviously right."""
+(attention, GAE, AdamW, the group advantages, REINFORCE++). Slow on purpose and obviously right."""
 import numpy as np
 
 
@@ -48,3 +48,37 @@ def naive_adamw(params, grads, lr, weight_decay, max_grad_norm, beta1=0.9, beta2
             v[k] = beta2 * v[k] + (1 - beta2) * (scale * g[k]) ** 2
             p[k] = p[k] - lr * (m[k] / (1 - beta1**t)) / (np.sqrt(v[k] / (1 - beta2**t)) + eps)
     return p
+
+
+def naive_group_advantages(rewards, groups, kind, ddof=1, eps=1e-4):
+    """One group at a time, by the papers' formulas: "grpo" (r - mean) / (std + eps) with the given ddof,
+    "dr_grpo" r - mean, "rloo" r minus the mean of the others; exactly 0 for a group whose rewards are all
+    equal and (grpo, dr_grpo) for a group of one. rewards, groups: (B,) arrays."""
+    out = np.zeros(len(rewards))
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        r = rewards[rows].astype(np.float64)
+        if len(r) == 1 or r.max() == r.min():
+            continue
+        if kind == "grpo":
+            out[rows] = (r - r.mean()) / (r.std(ddof=ddof) + eps)
+        elif kind == "dr_grpo":
+            out[rows] = r - r.mean()
+        else:
+            out[rows] = [r[i] - np.delete(r, i).mean() for i in range(len(r))]
+    return out
+
+
+def naive_reinforce_pp(scores, logp, logp_ref, mask, kl_coef, groups, baseline):
+    """REINFORCE++ token by token: (baseline: the score minus its group's mean, 0 for a group of one or of
+    equal scores) on EOS, -kl_coef (logp - logp_ref) on every valid token, the reward-to-go, whitened over
+    the batch's valid tokens with the biased variance, eps 1e-8 inside the root. Returns (advantages, the
+    reward-to-go before whitening)."""
+    s = naive_group_advantages(scores, groups, "dr_grpo") if baseline else np.asarray(scores, np.float64)
+    to_go = np.zeros(mask.shape)
+    for b in range(len(mask)):
+        n = int(mask[b].sum())
+        for t in range(n):
+            to_go[b, t] = s[b] - kl_coef * sum(logp[b, u] - logp_ref[b, u] for u in range(t, n))
+    v = to_go[mask > 0]
+    return np.where(mask > 0, (to_go - v.mean()) / np.sqrt(v.var() + 1e-8), 0), to_go

@@ -1,7 +1,7 @@
 """One record per function of the porting surface: minirlhf's function, its reference implementation in the
 kit's calling convention, its conformance check, the inputs of its golden fixture and the conventions the
-fixture pins. The kit (conformance.py, conformance_rl.py), the fixtures (fixtures.py), the diagnosis of a
-mismatch (mistakes.py) and the tests all read this one table.
+fixture pins. The kit (conformance*.py), the fixtures (fixtures.py), the diagnosis of a mismatch
+(mistakes.py) and the tests all read this one table.
 
 CONVENTIONS are the ids a fixture names and a failing comparison prints, each stated in one line;
 minirlhf/CONVENTIONS.md says them in full, with what other libraries do (a test checks every id is there).
@@ -9,10 +9,12 @@ minirlhf/CONVENTIONS.md says them in full, with what other libraries do (a test 
 from dataclasses import dataclass
 
 from .. import dpo, kl, ppo, ppo_objective as po, reward
+from .. import grpo_objective as go
 from .. import layers as L
 from .. import transformer as tf
 from ..tokenizer import response_mask
 from . import reference as R
+from . import reference_grpo as RG
 from .inputs import FIXTURE_MODEL
 from .reference import pair
 
@@ -58,6 +60,42 @@ CONVENTIONS = {
     "lr_warmup": "warm-up step s of W uses peak (s + 1) / W, then linear decay to 0 (transformers: peak s / W)",
     "dpo": "DPO: u = beta ((logp_w - ref_w) - (logp_l - ref_l)) of log-probs summed over the response tokens "
            "and EOS, L = mean softplus(-u); IPO: mean (h - 1 / (2 beta))^2",
+    # critic-free
+    "group_ids": "rewards are (P, G), row i group i, or (B,) with integer group ids (B,) in any order, groups of "
+                 "any sizes",
+    "grpo_std": "GRPO: A = (r - mean) / (std + eps) per group, std with Bessel's ddof 1, eps = 1e-4 outside the "
+                "root (TRL); both are arguments (verl: 1e-6, OpenRLHF: 1e-9)",
+    "flat_group_zero": "a group of equal rewards (max == min), or of one, gets A = 0 exactly, never NaN or "
+                       "rounding noise (verl passes a group of one's r / (1 + eps) on)",
+    "group_baselines": "Dr. GRPO: A = r - the group's mean; RLOO: A = r - the mean of the other G - 1 rewards "
+                       "(G >= 2)",
+    "reinforce_pp": "REINFORCE++: k1 in the per-token reward, the score on EOS, the reward-to-go, whitened over "
+                    "the batch's valid tokens; -baseline subtracts the group's mean score first",
+    "dynamic_sampling": "DAPO's dynamic sampling keeps the rows of groups whose rewards are not all equal "
+                        "(max != min, exactly); a group of one is dropped (verl keeps it)",
+    "overlong_penalty": "DAPO's soft overlong penalty: 0 up to L_max - L_cache tokens, then "
+                        "(L_max - L_cache - L) / L_cache, -1 at L_max and beyond",
+    "token_clip": "per-token losses max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)), rho = exp(logp - "
+                  "logp_old), 0 at padding; clip-higher: eps_high > eps_low; no clamp of the log-ratio",
+    "sequence_ratio": "one ratio per row: GSPO's exp of the mean of the valid tokens' log-ratios (ratio "
+                      "'mean'), TRL's clipped RLOO exp of their sum ('sum'); 0 for a row with no valid token",
+    "reinforce_loss": "REINFORCE per row: -A_i sum_t logp_it over the valid tokens (summed, not averaged)",
+    "aggregators": "per-token weights c_it: seq_mean_token_mean 1/(B L_i), token_mean 1/sum_j L_j, constant "
+                   "1/(B L_max), seq_sum 1/B; 0 at padding; a row with no valid token counts in B",
+    "whole_batch_normaliser": "a micro-batch's loss uses the whole batch's counts (n_rows, n_tokens), so that "
+                              "micro-batch losses add up to the full batch's exactly",
+    "kl_loss": "KL loss terms per token, d = logp - logp_ref: k1 = d, k2 = d^2 / 2, k3 = expm1(-d) + d, rho k3 "
+               "with rho = exp(logp - logp_old), logp_old fixed; gradients 1, d, 1 - e^-d, rho d; no clamp",
+    # LoRA
+    "lora_scale": "LoRA's update is scaled by s = alpha / r; rsLoRA: alpha / sqrt(r)",
+    "lora_layout": "y = x W0 + b + s (x A) B, W0 (in, out), A (in, r), B (r, out): PEFT's lora_A.weight is A.T, "
+                   "lora_B.weight is B.T; the adapter's names say which layers are adapted",
+    "lora_frozen_base": "W0, biases and LayerNorms are frozen: the gradients are dA = s x^T (g B^T) and "
+                        "dB = s (x A)^T g only, none for W0",
+    "lora_init": "a fresh adapter as PEFT's default: A kaiming-uniform (a = sqrt 5), U(+-1/sqrt(d_in)); B = 0",
+    "lora_reference_is_base": "the reference is the base with the adapter off, the very parameters (no copy); "
+                              "at B = 0 the adapted logits equal the base's bit for bit and dL/dA = 0",
+    "lora_merge": "merge W0 + s A B, unmerge W - s A B: W0 again up to one rounding each way, exactly at B = 0",
 }
 
 
@@ -67,7 +105,7 @@ class Entry:
     reference: object  # model_cfg -> (forward, vjp or None): minirlhf in the kit's calling convention
     inputs: object  # (rng, offsets) -> the inputs of the golden fixture, or None for a check only
     conventions: tuple  # the CONVENTIONS ids the fixture and the check pin
-    check: str = None  # the conformance check's name (conformance.py or conformance_rl.py), None for a fixture only
+    check: str = None  # the conformance check's name (conformance*.py), None for a fixture only
     defined: object = None  # inputs -> bool mask of the outputs the conventions define (padding queries: no)
     model: bool = False  # True: the function runs a model, so its inputs are of a model config's shapes
     tol: float = 1e-10  # a port agrees with the fixture within tol (1 + |expected|); BLAS may move the last bits
@@ -165,6 +203,61 @@ FUNCTIONS = {
     # optimiser
     "adamw": E("optim.adamw_step", _plain(R.adamw_steps), R.adamw_inputs, ("adamw_eps_outside",), "check_adamw"),
     "lr_schedule": E("optim.lr_schedule", _plain(R.lr_steps), R.lr_inputs, ("lr_warmup",), "check_lr_schedule"),
+    # critic-free: advantages and DAPO's filters
+    "grpo_advantages": E("grpo_objective.grpo_advantages", _plain(go.grpo_advantages), RG.advantage_inputs("grpo"),
+                         ("grpo_std", "flat_group_zero", "group_ids"), "check_grpo_advantages", tol=1e-12),
+    "dr_grpo_advantages": E("grpo_objective.dr_grpo_advantages", _plain(go.dr_grpo_advantages),
+                            RG.advantage_inputs("dr_grpo"), ("group_baselines", "flat_group_zero", "group_ids"),
+                            "check_dr_grpo_advantages", tol=1e-12),
+    "rloo_advantages": E("grpo_objective.rloo_advantages", _plain(go.rloo_advantages), RG.advantage_inputs("rloo"),
+                         ("group_baselines", "flat_group_zero", "group_ids"), "check_rloo_advantages", tol=1e-12),
+    "reinforce_pp_advantages": E("grpo_objective.reinforce_pp_advantages", _plain(go.reinforce_pp_advantages),
+                                 RG.reinforce_pp_inputs(False), ("reinforce_pp", "k1_in_reward", "score_on_eos",
+                                                                 "whiten_biased"),
+                                 "check_reinforce_pp_advantages", tol=1e-12),
+    "reinforce_pp_baseline": E("grpo_objective.reinforce_pp_advantages", _plain(go.reinforce_pp_advantages),
+                               RG.reinforce_pp_inputs(True), ("reinforce_pp", "flat_group_zero", "group_ids",
+                                                              "whiten_biased"), "check_reinforce_pp_baseline",
+                               tol=1e-12),
+    "dynamic_sampling_keep": E("grpo_objective.dynamic_sampling_keep", _plain(go.dynamic_sampling_keep),
+                               RG.advantage_inputs("keep"), ("dynamic_sampling", "group_ids"),
+                               "check_dynamic_sampling_keep", tol=0.0),
+    "overlong_penalty": E("grpo_objective.overlong_penalty", _plain(go.overlong_penalty), RG.overlong_inputs,
+                          ("overlong_penalty",), "check_overlong_penalty", tol=1e-12),
+    # critic-free: the policy losses, the aggregators and the KL as a loss term
+    "token_loss": E("grpo_objective.token_loss_forward",
+                    lambda c: pair(go.token_loss_forward, go.token_loss_backward, ["logp"]), RG.token_loss_inputs,
+                    ("token_clip",), "check_token_loss", tol=1e-12),
+    "sequence_loss": E("grpo_objective.sequence_loss_forward",
+                       lambda c: pair(go.sequence_loss_forward, go.sequence_loss_backward, ["logp"]),
+                       RG.sequence_loss_inputs("mean"), ("sequence_ratio", "token_clip"), "check_sequence_loss",
+                       tol=1e-12),
+    "sequence_loss_sum": E("grpo_objective.sequence_loss_forward",
+                           lambda c: pair(go.sequence_loss_forward, go.sequence_loss_backward, ["logp"]),
+                           RG.sequence_loss_inputs("sum"), ("sequence_ratio", "token_clip"),
+                           "check_sequence_loss_sum", tol=1e-12),
+    "reinforce_loss": E("grpo_objective.reinforce_loss_forward",
+                        lambda c: pair(go.reinforce_loss_forward, go.reinforce_loss_backward, ["logp"]),
+                        RG.reinforce_loss_inputs, ("reinforce_loss",), "check_reinforce_loss", tol=1e-12),
+    "token_weights": E("grpo_objective.token_weights", _plain(RG.token_weights_all), RG.token_weights_inputs,
+                       ("aggregators", "whole_batch_normaliser"), "check_token_weights", tol=1e-12),
+    "aggregate": E("grpo_objective.aggregate_forward",
+                   lambda c: pair(go.aggregate_forward, go.aggregate_backward, ["losses"]), RG.aggregate_inputs,
+                   ("aggregators", "whole_batch_normaliser"), "check_aggregate", tol=1e-12),
+    **{f"kl_loss_{kind}": E("grpo_objective.kl_loss_forward",
+                            lambda c: pair(go.kl_loss_forward, go.kl_loss_backward, ["logp"]), RG.kl_loss_inputs(kind),
+                            ("kl_loss", "kl_estimators"), f"check_kl_loss_{kind}",
+                            tol=1e-9 if kind == "rho_k3" else 1e-12) for kind in go.KL_LOSSES},
+    # (autograd's rho k3 gradient, rho k3 + rho (1 - e^-d), cancels terms of size rho e^-d: 2e-12 at d = -12)
+    # LoRA
+    "lora_linear": E("lora.lora_linear_forward", lambda c: RG.lora_linear_pair(), RG.lora_linear_inputs,
+                     ("lora_scale", "lora_layout", "lora_frozen_base"), "check_lora_linear"),
+    "lora_merge": E("lora.merge", _plain(RG.lora_merge), RG.lora_merge_inputs, ("lora_scale", "lora_layout",
+                                                                                 "lora_merge"), "check_lora_merge"),
+    "lora_model": E("lora.adapted_forward", RG.lora_model_pair, RG.lora_model_inputs,
+                    ("lora_scale", "lora_layout", "lora_frozen_base", "lora_init", "lora_reference_is_base"),
+                    "check_lora_model", defined=lambda kw: kw["mask"][..., None] > 0, model=True),
+    "lora_init": E("lora.init_adapter", None, None, ("lora_init",), "check_lora_init"),
 }
 
 
@@ -180,9 +273,12 @@ def reference(name, model_cfg=FIXTURE_MODEL):
 
 def check(name):
     """The conformance check of `name` (imports hypothesis: the property checks need it, the fixtures do not)."""
-    from . import conformance, conformance_rl
+    from . import conformance, conformance_aggregate, conformance_grpo, conformance_lora, conformance_rl
     entry = FUNCTIONS[name]
-    return getattr(conformance, entry.check, None) or getattr(conformance_rl, entry.check)
+    for module in (conformance, conformance_rl, conformance_grpo, conformance_aggregate, conformance_lora):
+        if hasattr(module, entry.check):
+            return getattr(module, entry.check)
+    raise ValueError(f"no conformance check {entry.check} for {name}")
 
 
 def names_with_a_fixture():

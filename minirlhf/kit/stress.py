@@ -23,6 +23,7 @@ from .. import exact
 from .fixtures import GOLDEN, compare
 from .inputs import FIXTURE_MODEL, KIT_MODEL
 from .reference import generate_adapter, logprobs_adapter
+from .reference_grpo import lora_init
 from .registry import FUNCTIONS, check, reference
 
 ON_FIXTURE_MODEL = ("rollout", "ppo_minibatch")  # checks that run on the fixtures' model
@@ -34,6 +35,8 @@ def minirlhf_ports(model_cfg):
     for name, entry in FUNCTIONS.items():
         if name == "generate":
             ports[name] = (generate_adapter(model_cfg),)
+        elif name == "lora_init":
+            ports[name] = (lora_init,)
         elif name == "rollout":
             ports[name] = (reference(name, model_cfg)[0], logprobs_adapter(model_cfg))
         else:
