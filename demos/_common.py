@@ -72,17 +72,17 @@ def parse(ap, argv, quick=None, defaults=None):
     apply_preset(args, defaults or {})
     if "run" in vars(args) and args.run is None:
         args.run = "runs/demo-quick" if args.quick else "runs/demo"
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            ap.error('--plot needs matplotlib: pip install -e ".[plot]"')
     for flag in ("json", "plot"):
         if getattr(args, flag) is not None:
             try:
                 writable_file(getattr(args, flag))
             except ValueError as e:
                 ap.error(f"--{flag}: {e}")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            ap.error('--plot needs matplotlib: pip install -e ".[plot]"')
     return args
 
 

@@ -2,6 +2,7 @@
 and writes JSON whose numbers are all finite and a figure where matplotlib is installed; a flag typed with
 --quick wins over the quick preset; a folder that is not one finished run is refused with a message; a
 script given an empty folder makes its demo run first. This tests the plumbing, not the science."""
+import importlib.util
 import json
 import math
 import os
@@ -36,17 +37,33 @@ def run_quick(module, tiny_run, tmp_path, *extra):
     """main(--quick) from the tiny run; returns the JSON it wrote, after checking every number is finite and
     that --plot either wrote a figure or found no matplotlib."""
     path, fig = tmp_path / "out.json", tmp_path / "fig.png"
-    module.main(["--quick", "--run", str(tiny_run[0]), "--json", str(path), "--plot", str(fig), *extra])
+    module.main(["--quick", "--run", str(tiny_run[0]), "--json", str(path), *plot_flags(fig), *extra])
     out = json.loads(path.read_text())
     assert out["args"]["quick"] is True and out["seconds"] > 0
     bad = [x for x in numbers(out) if not math.isfinite(x)]
     assert not bad, bad
-    try:
-        import matplotlib  # noqa: F401
-        assert fig.exists()
-    except ImportError:
-        assert not fig.exists()
+    assert fig.exists() == HAVE_MATPLOTLIB
     return out
+
+
+# matplotlib is optional (pip install -e ".[plot]"): with it the scripts' --plot must write the figure; without
+# it --plot is a usage error (test_plot_without_matplotlib_is_a_usage_error), so the runs leave it out.
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def plot_flags(fig):
+    return ["--plot", str(fig)] if HAVE_MATPLOTLIB else []
+
+
+def test_plot_without_matplotlib_is_a_usage_error(tiny_run, tmp_path, monkeypatch, capsys):
+    """With matplotlib missing (None in sys.modules makes its import fail), --plot stops at the parse: exit
+    code 2, the install line in the message, no JSON written."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    path = tmp_path / "out.json"
+    with pytest.raises(SystemExit) as e:
+        kl_sweep.main(["--quick", "--run", str(tiny_run[0]), "--json", str(path), "--plot", str(tmp_path / "f.png")])
+    assert e.value.code == 2 and 'pip install -e ".[plot]"' in capsys.readouterr().err
+    assert not path.exists()
 
 
 def test_kl_sweep(tiny_run, tmp_path):
@@ -123,7 +140,8 @@ def test_dpo_puzzle(tiny_run, tmp_path):
 
 def test_reward_benchmark(tmp_path):
     path = tmp_path / "out.json"
-    reward_benchmark.main(["--quick", "--json", str(path), "--plot", str(tmp_path / "fig.png")])
+    reward_benchmark.main(["--quick", "--json", str(path), *plot_flags(tmp_path / "fig.png")])
+    assert (tmp_path / "fig.png").exists() == HAVE_MATPLOTLIB
     out = json.loads(path.read_text())
     assert [r["seed"] for r in out["seeds"]] == reward_benchmark.QUICK["seeds"]
     assert [r["labels"] for r in out["labelling_cost"]] == reward_benchmark.QUICK["labels"]

@@ -575,16 +575,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 def run_quick(module, tiny_run, tmp_path):
     """main(--quick) from the session's tiny run; the JSON's numbers all finite; a figure where matplotlib is."""
-    from test_experiments import numbers
+    from test_experiments import HAVE_MATPLOTLIB, numbers, plot_flags
     path, fig = tmp_path / "out.json", tmp_path / "fig.png"
-    module.main(["--quick", "--run", str(tiny_run[0]), "--json", str(path), "--plot", str(fig)])
+    module.main(["--quick", "--run", str(tiny_run[0]), "--json", str(path), *plot_flags(fig)])
     out = json.loads(path.read_text())
     assert out["args"]["quick"] is True and not [x for x in numbers(out) if not math.isfinite(x)]
-    try:
-        import matplotlib  # noqa: F401
-        assert fig.exists()
-    except ImportError:
-        assert not fig.exists()
+    assert fig.exists() == HAVE_MATPLOTLIB
     return out
 
 

@@ -494,14 +494,11 @@ def test_bad_input_to_the_adapted_model():
 
 def test_lora_rank_quick(tiny_run, tmp_path):
     """demos/lora_rank.py --quick from the session's tiny run: every number finite, every arm present."""
+    from test_experiments import HAVE_MATPLOTLIB, plot_flags
     path, fig = tmp_path / "out.json", tmp_path / "f.png"
-    lora_rank.main(["--quick", "--run", str(tiny_run[0]), "--json", str(path), "--plot", str(fig)])
+    lora_rank.main(["--quick", "--run", str(tiny_run[0]), "--json", str(path), *plot_flags(fig)])
     out = json.loads(path.read_text())
-    try:
-        import matplotlib  # noqa: F401
-        assert fig.exists()
-    except ImportError:
-        assert not fig.exists()
+    assert fig.exists() == HAVE_MATPLOTLIB
     numbers = []
 
     def collect(v):
