@@ -2,6 +2,8 @@
 registry passes on minirlhf's functions, with its gradients within the bounds; and a failure's message names
 the check, minirlhf's function, the conventions it pins, the worst element and the known mistake it matches.
 The kit's own mutation suite (test_kit_bugs.py) shows it catches porting bugs."""
+import os
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,30 @@ def test_a_failure_names_the_check_the_function_the_conventions_the_element_and_
     assert message.startswith("check_token_rewards (minirlhf.kl.token_rewards; pins k1_in_reward, score_on_eos)")
     assert "the score on EOS" in message and "at index" in message and "expected" in message
     assert "matches a known mistake: the score one position after EOS (TRL's placement) [score_on_eos]" in message
+
+
+def test_a_mistake_that_agrees_with_minirlhf_on_the_failing_inputs_is_never_named():
+    """torch's softplus returns x itself past x = 20, 3e-11 off the true -log sigmoid(-x) at x = 21: the BT
+    check fails it on inputs whose margin is 0, where "the margin left out" and "the margin added" give the
+    right answer, so neither may be named (they were, before diagnose was given the correct output). A port
+    that does leave the margin out is still named, by the fixture, whose margin is 0.5."""
+    from minirlhf import reward
+    from minirlhf.kit import fixtures
+    from minirlhf.kit.mistakes import diagnose
+
+    def softplus_threshold(r_chosen, r_rejected, margin, center_coef):
+        x = -(r_chosen - r_rejected - margin)
+        return np.where(x > 20, x, np.logaddexp(0, x)).mean() + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    with pytest.raises(AssertionError) as e:
+        K.check_bt_loss(softplus_threshold, max_examples=30)
+    assert "check_bt_loss" in str(e.value) and "known mistake" not in str(e.value)
+    inputs = {"r_chosen": np.full(4, -21.0), "r_rejected": np.zeros(4), "margin": 0.0, "center_coef": 0.0}
+    truth = reward.bt_loss_forward(**inputs)[0]
+    assert len(diagnose("bt_loss", inputs, softplus_threshold(**inputs))) == 2  # without the truth: both named
+    assert diagnose("bt_loss", inputs, softplus_threshold(**inputs), correct=truth) == []
+    golden = os.path.join(fixtures.GOLDEN, "bt_loss.npz")
+    with pytest.raises(AssertionError, match=r"matches a known mistake: the margin left out \[bt_loss\]"):
+        fixtures.compare(golden, lambda margin, **kw: reward.bt_loss_forward(margin=0.0, **kw)[0])
 
 
 def test_no_false_alarm_on_a_kl_that_rounds_below_zero():

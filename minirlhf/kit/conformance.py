@@ -80,7 +80,7 @@ def compare(name, got, expected, tol, what, inputs=None, model_cfg=None, key=Non
         try:
             assert_close(a, e, tol, what if k is None else f"{what}: {k}")
         except AssertionError as err:
-            found = diagnose(name, inputs, got, model_cfg) if inputs is not None else []
+            found = diagnose(name, inputs, got, model_cfg, correct=expected) if inputs is not None else []
             raise AssertionError(f"{err}" + (f"; the port's output matches a known mistake: {'; '.join(found)}"
                                              if found else "")) from None
 

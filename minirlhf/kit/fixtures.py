@@ -150,7 +150,8 @@ def compare(path, forward, vjp=None, tol=None):
             assert_close(a, e, tol, f"{os.path.basename(path)} {label}")
         except AssertionError as err:
             pins = f" (minirlhf.{entry.function}; pins {', '.join(entry.conventions)})" if entry else ""
-            found = diagnose(name, inputs, got, FIXTURE_MODEL) if entry and label.startswith("out") else []
+            found = (diagnose(name, inputs, got, FIXTURE_MODEL, correct=out) if entry and label.startswith("out")
+                     else [])
             hint = f"; the port's output matches a known mistake: {'; '.join(found)}" if found else ""
             raise AssertionError(f"{err}{pins}{hint}") from None
         errors[label] = worst(a, e)[3]
