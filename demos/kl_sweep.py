@@ -139,13 +139,13 @@ def main(argv=None):
                      "criteria": crit})
 
     print(f"\n1. final policies on {len(prompts)} unseen prompts (one sample each)")
-    print(C.table([("policy", 10, ""), ("proxy", 7, "+.3f"), ("gold", 7, "+.3f"), ("+-se", 5, ".3f"),
+    print(C.table([("policy", 12, ""), ("proxy", 7, "+.3f"), ("gold", 7, "+.3f"), ("+-se", 5, ".3f"),
                    ("KL k1", 7, ".2f"), ("KL exact", 8, ".2f"), ("sqrt KL", 7, ".2f"), ("length", 6, ".1f"),
                    ("ended", 6, ".2f")],
                   [(r["name"], r["proxy"], r["gold"], r["gold_se"], r["kl"], r["kl_exact"],
                     np.sqrt(max(r["kl_exact"], 0)), r["length"], r["ended"]) for r in rows]))
     print("\n2. the gold criteria behind each gold score (means)")
-    print(C.table([("policy", 10, "")] + [(c, 10, "+.3f") for c in CRITERIA],
+    print(C.table([("policy", 12, "")] + [(c, 10, "+.3f") for c in CRITERIA],
                   [(r["name"], *r["criteria"].values()) for r in rows]))
     print(f"\n3. over training ({w}-update average of each update's rollouts, training prompts)")
     print(C.table([("kl_coef", 7, ""), ("peak gold", 9, "+.3f"), ("at update", 9, "d"), ("KL there", 8, ".2f"),

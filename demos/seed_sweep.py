@@ -10,7 +10,7 @@ annotator as a share of the annotator's exact ceiling, and the fraction of held-
 pairs it orders right-first; the annotator's win rate of RLHF over SFT on unseen prompts; the gold gain;
 and the rate of each family's preferred behaviour before and after RLHF.
 
-The bars (issue 16), checked for every seed:
+The bars the default demo aims at, checked for every seed:
     seconds <= 60, reward model >= 90% of the ceiling, sums >= 0.9, win rate >= 0.70, gold gain >= +0.8,
     and every headline behaviour's rate higher after RLHF than before.
 The table prints one row per seed, then the mean and the worst value of each column, and the bars each seed

@@ -5,7 +5,9 @@
 Prints, for the demo-sized model (vocab 46, n_ctx 64, 2 layers, 4 heads, n_embd 64, batch 32 x 64 tokens):
 this machine's own float32 and float64 matmul throughput (1024 x 1024 products, best of several), then in
 each dtype the forward+backward time per training step, tokens/s, the achieved GFLOP/s counted from the
-model's matmuls, and that as a fraction of the machine's matmul GFLOP/s; then KV-cache generation tokens/s.
+model's matmuls, and that as a fraction of the machine's matmul GFLOP/s; if PyTorch is installed (optional,
+never a dependency), the same step in PyTorch eager, timed alternately with minirlhf's; then KV-cache
+generation tokens/s.
 
 FLOPs of one step: every matmul of the forward counted as 2 m n k, the backward as twice the forward
 (one product for the input's gradient, one for the weight's), so a step is 3x the forward. Element-wise
@@ -83,6 +85,54 @@ def train_step_fn(params, model_cfg, tokens):
     return step
 
 
+def torch_step_fn(model_cfg, tokens, dtype):
+    """The same step in PyTorch eager (the same shapes, tied head, tanh GELU, a causal softmax written out),
+    or None if torch is not installed: a yardstick, never a dependency. Runs on torch's own threads."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    tdt = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
+    C, H, V = model_cfg.n_embd, model_cfg.n_head, model_cfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape):
+        return (0.02 * torch.randn(*shape, generator=g, dtype=tdt)).requires_grad_()
+
+    def zeros(n):
+        return torch.zeros(n, dtype=tdt, requires_grad=True)
+
+    def ones(n):
+        return torch.ones(n, dtype=tdt, requires_grad=True)
+    P = {"wte": w(V, C), "wpe": w(model_cfg.n_ctx, C), "lnf_g": ones(C), "lnf_b": zeros(C)}
+    for i in range(model_cfg.n_layer):
+        P.update({f"{i}.{k}": v for k, v in dict(
+            ln1_g=ones(C), ln1_b=zeros(C), qkv=w(C, 3 * C), qkv_b=zeros(3 * C), proj=w(C, C), proj_b=zeros(C),
+            ln2_g=ones(C), ln2_b=zeros(C), fc=w(C, 4 * C), fc_b=zeros(4 * C), fc2=w(4 * C, C),
+            fc2_b=zeros(C)).items()})
+    x_ids, y_ids = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
+    B, T = x_ids.shape
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+
+    def step():
+        x = P["wte"][x_ids] + P["wpe"][:T]
+        for i in range(model_cfg.n_layer):
+            p = {k.split(".", 1)[1]: v for k, v in P.items() if k.startswith(f"{i}.")}
+            h = F.layer_norm(x, (C,), p["ln1_g"], p["ln1_b"], 1e-5)
+            q, k, v = (h @ p["qkv"] + p["qkv_b"]).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
+            att = ((q @ k.transpose(-1, -2)) / (C // H) ** 0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+            x = x + ((att @ v).transpose(1, 2).reshape(B, T, C) @ p["proj"] + p["proj_b"])
+            h = F.layer_norm(x, (C,), p["ln2_g"], p["ln2_b"], 1e-5)
+            x = x + F.gelu(h @ p["fc"] + p["fc_b"], approximate="tanh") @ p["fc2"] + p["fc2_b"]
+        logits = F.layer_norm(x, (C,), P["lnf_g"], P["lnf_b"], 1e-5) @ P["wte"].T
+        loss = F.cross_entropy(logits.reshape(B * T, V), y_ids.reshape(-1))
+        return torch.autograd.grad(loss, list(P.values()))
+    step.threads = torch.get_num_threads()
+    step.version = torch.__version__
+    return step
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minirlhf.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=positive_int, default=20, help="timed steps per figure (median reported)")
@@ -126,6 +176,21 @@ def main(argv=None):
         print(f"{name:8s} | matmul peak {peak:6.1f} GFLOP/s (one product {peak1:.0f}, two at once "
               f"{peak2:.0f}) | fwd+bwd {ms:7.1f} ms/step | {B * T / (ms / 1000):8.0f} tok/s | "
               f"{achieved:5.1f} GFLOP/s = {achieved / peak:5.1%} of peak")
+        torch_step = torch_step_fn(model_cfg, tokens, dtype)
+        if torch_step is not None:
+            # alternated with minirlhf's step, so that both see the same moment of a drifting machine
+            ours, theirs = [], []
+            numpy_step = train_step_fn(params, model_cfg, tokens)
+            for _ in range(3):
+                ours.append(median_ms(numpy_step, max(3, args.steps // 3)))
+                theirs.append(median_ms(torch_step, max(3, args.steps // 3)))
+            ours_ms, torch_ms = float(np.median(ours)), float(np.median(theirs))
+            res[name]["torch_eager"] = {"version": torch_step.version, "threads": torch_step.threads,
+                                        "step_ms": torch_ms, "minirlhf_step_ms": ours_ms,
+                                        "ratio": ours_ms / torch_ms}
+            print(f"{'':8s} | PyTorch {torch_step.version} eager, {torch_step.threads} threads: fwd+bwd "
+                  f"{torch_ms:7.1f} ms/step; minirlhf alternated with it {ours_ms:.1f} ms: "
+                  f"{ours_ms / torch_ms:.2f}x PyTorch's time")
     params = tf.init_params(model_cfg, rng, np.float32)
     prompts = np.full((B, 8), BOS)
     prompts[:, 1:] = rng.integers(3, model_cfg.vocab_size, (B, 7))

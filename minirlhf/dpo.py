@@ -44,14 +44,16 @@ those chosen there, or (own term) when g_w and g_l are aligned and the rejected 
 softmax: d log p_y / dz = e_y - p, larger the smaller p_y), "likelihood displacement" (Razin et al. 2024).
 Token by token, on a prefix the two answers share (same context, same token) the two pushes of one pair
 cancel exactly, and at their first differing token the pair's own push raises the chosen token.
-Measured on the demo's preferences (demos/dpo_puzzle.py, beta 0.1, 300 steps): the same texts recur, and
-81% of the followed chosen responses are rejected in another pair of the same prompt (a K = 4 ranking
-makes its middle answers winners and losers; annotator noise flips pairs). At the SFT model a pair's own
-step would lower its chosen log-prob for 2% of the pairs (cos(g_w, g_l) has median -0.18), the other
-pairs' steps for 41%. As the rejected answers fall (-2.9 -> -8.2 nats) their gradients grow and align
-(at the end: |g_l| > |g_w| for 70%, cos +0.16): the own term lowers the chosen for 22%, all terms for
-72%, and the fall speeds up: logged chosen log-prob -2.39 -> -4.12 while the margin grows +0.01 -> +0.36.
-A larger beta ends it sooner: sigmoid(-u) is small once h ~ 1 / beta (at beta 1: -2.39 -> -2.63 only).
+Measured on the demo's preferences (demos/dpo_puzzle.py, beta 0.1, 300 steps, seed 0's demo run; commit
+in demos/README.md): the same texts recur, and 93% of the followed chosen responses are rejected in another
+pair of the same prompt (a K = 8 ranking makes its middle answers winners and losers; annotator noise flips
+pairs). At the SFT model a pair's own step would lower its chosen log-prob for none of the pairs (cos(g_w,
+g_l) has median -0.13), the other pairs' steps for 36%. As the rejected answers fall (-3.2 -> -7.9 nats)
+their gradients grow and align (at the end: |g_l| > |g_w| for 66%, cos +0.25): the own term lowers the
+chosen for 20%, all terms for 81%, and the fall speeds up: logged chosen log-prob -2.62 -> -4.31 while the
+margin grows +0.006 -> +0.31.
+A larger beta ends it sooner: sigmoid(-u) is small once h ~ 1 / beta (at commit 7231f4d, beta 1: -2.39 ->
+-2.63 only).
 """
 import time
 from dataclasses import dataclass

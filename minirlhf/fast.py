@@ -7,9 +7,10 @@ hidden_backward and generate) run the plain ops of layers.py on the whole batch 
 module's ops on two halves of the batch when it is True (the default; MINIRLHF_PLAIN=1 turns it off). The
 two paths agree to rounding, not bit for bit; each is deterministic.
 
-What the tricks buy, measured for the demo model (vocab 46, n_ctx 64, 2 layers, 4 heads, n_embd 64) at
-batch 32 x 64, float32, as ratios taken in one process (a 2-core machine's speed drifts 30-50% within a
-minute, so only such ratios mean anything; `python -m minirlhf.bench` prints the current figures):
+What the tricks buy, measured in the speed work's commits (before d82f556) for the demo model (vocab 46,
+n_ctx 64, 2 layers, 4 heads, n_embd 64) at batch 32 x 64, float32, as ratios taken in one process (a 2-core
+machine's speed drifts 30-50% within a minute, so only such ratios mean anything; `python -m minirlhf.bench`
+prints the current figures):
 
 1. Faster forms of the ops (OPS below). Row sums as a product with a column of ones (BLAS does the
    adding: 0.04 against 0.22 ms on attention's (32, 4, 64, 64) scores, LayerNorm's row means 6x faster);
@@ -34,8 +35,9 @@ minute, so only such ratios mean anything; `python -m minirlhf.bench` prints the
    vanishes. It is a setting of the whole process (its cost: the process keeps its peak heap), so importing
    minirlhf never makes it: the entry points (the demo, the benchmark, the scripts in demos/) call it.
 
-Measured on the machine the project first ran on (AVX-512 kernels): 59-66 ms a step before these tricks,
-18 ms after, about 40% of the two-core matmul throughput; PyTorch eager ran the same step in 40-48 ms.
+Measured on the machine the project first ran on (AVX-512 kernels), in the same commits: 59-66 ms a step
+before these tricks, 18 ms after, about 40% of the two-core matmul throughput; PyTorch eager ran the same
+step in 40-48 ms. README.md's "Figures measured" has the current commit's figures.
 """
 import concurrent.futures
 import ctypes

@@ -1,4 +1,4 @@
-"""Bad input, probe by probe (issue 15). Every command line, the checkpoint loaders, the public functions at
+"""Bad input, probe by probe. Every command line, the checkpoint loaders, the public functions at
 the boundary and the run folders are given what they cannot take. Each must refuse with the exception its
 table row names, in a message matching the row's regex, which names the culprit (the flag, the argument, the
 field or the file), and must change nothing: a library call leaves its arrays, parameter dicts and Generator

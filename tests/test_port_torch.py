@@ -36,3 +36,19 @@ def test_without_torch_the_script_says_so_and_exits_0():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "torch is not installed" in run.stdout
+
+
+def test_the_readmes_porting_example_runs_as_written(tmp_path, capsys):
+    """The README's porting example (the python block after <!-- porting-example -->), run from a folder
+    other than the checkout: both of its checks pass, and each prints its worst relative errors."""
+    pytest.importorskip("torch")
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    block = readme.split("<!-- porting-example -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        exec(compile(block, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "r_chosen" in lines[0] and "grad.r_chosen" in lines[1]
