@@ -44,13 +44,13 @@ and, averaged over the budgets all three reach, overall (with the standard error
 The DPO note at the end reads the puzzle (chosen log-probs fall while the margin grows) off the logged
 history; demos/dpo_puzzle.py explains it from the gradient.
 
-Measured on runs/demo (seeds 0 and 1, about 5 minutes each): averaged over 0.25-2 nats the frontiers stand
-BoN +0.61 > DPO +0.52 > PPO +0.49 (seed 0) and BoN +0.56 > PPO +0.55 > DPO +0.37 (seed 1): best-of-n
-leads in both, by less than the noise. All three peak and then lose gold as the KL grows (over-optimising
-the reward model or, for DPO, the preference set): best-of-n at n = 8-16, PPO at beta 0.15, DPO at its
-largest beta, 1; at beta 0.03 DPO ends below the SFT model with 9-25% of its answers broken. The
-measured best-of-n KL is below log n - (n-1)/n, 2.12 against 2.50 nats at n = 32: responses repeat.
-The critic-free methods have not been run at full length yet; only --quick, which measures nothing.
+Measured once (seed 0's default demo run, 26 minutes beside other jobs; demos/README.md has the tables and
+the commit): averaged over the budgets every method reaches (0.25 and 0.5 nats) best-of-n leads, +0.30,
+then DPO +0.10, RLOO +0.09, Dr. GRPO +0.02, PPO -0.01, GRPO -0.13, DAPO -0.16; best-of-n's lead over DPO
+is larger than two standard errors of one mean gold. Every method peaks and then loses gold as the KL
+grows (best-of-n at n = 8, PPO at kl_coef 0.15, DPO at beta 0.3; at beta 0.03 DPO ends far below the SFT
+model with 23% of its answers broken). The measured best-of-n KL is below log n - (n-1)/n, 2.23 against
+2.50 nats at n = 32: responses repeat.
 """
 import time
 import warnings

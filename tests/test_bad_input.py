@@ -383,10 +383,9 @@ def test_under_quick_a_typed_flag_wins(prog, argv, typed, env, guard, monkeypatc
 CK = tf.GPTConfig(vocab_size=11, n_ctx=8, n_layer=1, n_head=2, n_embd=8)
 
 
-def npz(arrays, meta=None, allow_pickle=False):
-    buf = io.BytesIO()
-    np.savez(buf, **({} if meta is None else {"__meta__": np.array(json.dumps(meta))}), **arrays,
-             allow_pickle=allow_pickle)
+def npz(arrays, meta=None):
+    buf = io.BytesIO()  # (np.savez has an allow_pickle argument from numpy 2.1 on; before, it names an array)
+    np.savez(buf, **({} if meta is None else {"__meta__": np.array(json.dumps(meta))}), **arrays)
     return buf.getvalue()
 
 
@@ -439,7 +438,7 @@ DAMAGE = {
     "bit flipped": (lambda raw, p, c: flip_member(raw, "h0.mlp.w_fc.npy"),
                     r"the archive is damaged \(BadZipFile: Bad CRC-32 for file 'h0.mlp.w_fc.npy'"),
     "random bytes": (lambda raw, p, c: np.random.default_rng(1).bytes(4000), r"not an \.npz checkpoint"),
-    "pickled": (lambda raw, p, c: npz({"wte": np.array([{"a": 1}], dtype=object)}, a_model(p, c)[1], True),
+    "pickled": (lambda raw, p, c: npz({"wte": np.array([{"a": 1}], dtype=object)}, a_model(p, c)[1]),
                 r"holds pickled data, which minirlhf never writes and refuses to load"),
     "a zip of text": (lambda raw, p, c: zip_of("readme.txt", "hello"), r"not a minirlhf checkpoint \(no __meta__"),
     "an npz without meta": (lambda raw, p, c: npz(p), r"not a minirlhf checkpoint \(no __meta__ entry\)"),
@@ -533,7 +532,7 @@ ADAPTER_DAMAGE = {
     "empty": (lambda k: b"", r"the file is empty"),
     "bit flipped": (lambda k: flip_member(k.adapter_raw, A0 + ".npy"), r"the archive is damaged \(BadZipFile"),
     "random bytes": (lambda k: np.random.default_rng(2).bytes(3000), r"not an \.npz checkpoint"),
-    "pickled": (lambda k: npz({A0: np.array([None], dtype=object)}, adapter_parts(k)[1], True), r"holds pickled data"),
+    "pickled": (lambda k: npz({A0: np.array([None], dtype=object)}, adapter_parts(k)[1]), r"holds pickled data"),
     "a zip of text": (lambda k: zip_of("readme.txt", "hi"), r"not a minirlhf checkpoint \(no __meta__"),
     "a model checkpoint": (lambda k: k.raw, r"not a LoRA adapter file"),
     "config unreadable": (adapter_edit(lambda a, m: m["config"].update(rank=0)), r"its LoRA config is unreadable"),
