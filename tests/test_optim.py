@@ -124,3 +124,8 @@ def test_defaults_that_are_conventions():
     """The defaults CONVENTIONS.md states: PyTorch's AdamW betas and eps, clipping at norm 1."""
     cfg = AdamWConfig()
     assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.max_grad_norm, cfg.weight_decay) == (0.9, 0.999, 1e-8, 1.0, 0.0)
+
+
+def test_a_one_step_schedule_is_the_peak_rate_then_zero():
+    """total_steps = 1 without warm-up is a valid schedule: the one step at peak_lr, 0 after it."""
+    assert lr_schedule(0, 1, 0.5) == 0.5 and lr_schedule(1, 1, 0.5) == 0.0

@@ -119,6 +119,17 @@ def test_normalisation_gives_mean_0_std_1(values):
     assert abs(z.mean()) < 1e-9 and abs(z.std() - 1) < 1e-9
 
 
+@pytest.mark.parametrize("bias, noise", [(5.0, 0.0), (-5.0, 0.0), (1e3, 1e-5)])
+def test_fit_normalisation_refuses_scores_that_differ_only_by_rounding(bias, noise):
+    """Equal scores far from 0 (a zero head with a bias of +-5), and scores of 1000 that differ by 1e-5
+    (below 1e-6 of their size, rounding rather than spread), cannot be normalised: a ValueError."""
+    params = tiny_reward_params()
+    params["head.w"] = np.full_like(params["head.w"], noise)
+    params["head.b"] = np.asarray(bias)
+    with pytest.raises(ValueError, match="all equal"):
+        R.fit_normalisation(params, TINY, ["hi", "yo", "3+4?"], ["hey", "go", "7"])
+
+
 def test_fit_normalisation_on_model_scores():
     params = tiny_reward_params()
     prompts, responses = ["hi", "yo", "3+4?", "hi"], ["hey", "go", "7", "hello there"]
@@ -278,3 +289,16 @@ def test_score_pairs_each_prompt_with_its_own_response_across_batches():
     np.testing.assert_allclose(R.score(rm, prompts, responses, batch_size=2), whole, rtol=1e-6)
     np.testing.assert_allclose(whole[2:], R.score(rm, prompts[2:], responses[2:]), rtol=1e-6)
     assert len(set(np.round(whole, 6))) == 5  # five different scores: a swap would show
+
+
+def test_training_evaluates_every_eval_every_steps_and_after_the_last():
+    """The history has one record per evaluation: after steps eval_every, 2 eval_every, ... and after the
+    last step, each with the learning rate that step used (optim.lr_schedule of the 0-based step)."""
+    from minirlhf.annotator import AnnotatorConfig
+    from minirlhf.optim import lr_schedule
+    cmp = Comparison("hey!", ("hello.", "hi.", "ugh."), (True, True, True), (0, 1, 2))
+    cfg = R.RewardConfig(steps=5, batch_size=2, warmup_steps=1, eval_every=2)
+    history = R.train_reward_model(tiny_reward_params(), TINY, [cmp], [cmp], cfg, AnnotatorConfig(),
+                                   np.random.default_rng(0), log=lambda s: None)
+    assert [h["step"] for h in history] == [2, 4, 5]
+    assert [h["lr"] for h in history] == [lr_schedule(s - 1, 5, cfg.lr, 1) for s in (2, 4, 5)]
