@@ -345,19 +345,30 @@ def main(argv=None):
     return C.finish(args, "frontier", result, t0)
 
 
-def draw(plt, points, sft_gold, methods):
-    """Gold against KL, one line per method."""
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    for mth, marker in zip(methods, "os^vDPXh"):
-        pts = sorted((p["kl"], p["gold"], p["setting"]) for p in points if p["method"] == mth)
-        ax.plot([0] + [k for k, _, _ in pts], [sft_gold] + [g for _, g, _ in pts], marker=marker, label=mth)
-        for k, g, s in pts:
-            ax.annotate(s, (k, g), fontsize=7, xytext=(3, 3), textcoords="offset points")
+def draw(plt, points, sft_gold, methods, kl_max=4.0):
+    """Gold against KL, one line per method: PPO, DPO and best-of-n (each point labelled) on the left, the
+    critic-free methods on the right; points beyond kl_max nats are left off the axes and said so."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    left = [m for m in methods if m in ("PPO", "DPO", "BoN")]
+    for ax, group in ((axes[0], left), (axes[1], [m for m in methods if m not in left])):
+        for mth, marker in zip(group, "os^vDPXh"):
+            pts = sorted((p["kl"], p["gold"], p["setting"]) for p in points if p["method"] == mth)
+            shown = [q for q in pts if q[0] <= kl_max]
+            ax.plot([0] + [k for k, _, _ in shown], [sft_gold] + [g for _, g, _ in shown], marker=marker,
+                    label=mth + (f" ({len(pts) - len(shown)} beyond {kl_max:g} nats)" if len(shown) < len(pts)
+                                 else ""))
+            if ax is axes[0]:
+                for k, g, s in shown:
+                    ax.annotate(s, (k, g), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlim(0, kl_max)
+        ax.set_xlabel("KL(policy || SFT), nats per response")
+        ax.legend(fontsize=8)
     bon = sorted((p["kl_bound"], p["gold"]) for p in points if p["method"] == "BoN")
-    ax.plot([k for k, _ in bon], [g for _, g in bon], ls=":", color="grey", label="BoN at log n - (n-1)/n")
-    ax.set_xlabel("KL(policy || SFT), nats per response")
-    ax.set_ylabel("gold score, unseen prompts")
-    ax.legend()
+    axes[0].plot([k for k, _ in bon], [g for _, g in bon], ls=":", color="grey", label="BoN at log n - (n-1)/n")
+    axes[0].legend(fontsize=8)
+    axes[0].set_ylabel("gold score, unseen prompts")
+    axes[0].set_title("PPO, DPO, best-of-n")
+    axes[1].set_title("critic-free (settings in the JSON)")
     fig.tight_layout()
     return fig
 

@@ -6,7 +6,8 @@ issues and the "N implementation details of RLHF" write-ups) or a classic of por
 another library chose differently, a missing factor, a sign, an off-by-one.
 
 MISTAKES[name] is a list of (description, convention id, fn(**inputs) -> output in the kit's convention).
-`diagnose(name, inputs, output)` returns the descriptions whose output matches.
+`diagnose(name, inputs, output, correct=...)` returns the descriptions whose output matches, leaving out any
+mistake that gives minirlhf's own output on these inputs (it cannot be what is wrong).
 """
 import numpy as np
 from scipy.special import erf
