@@ -55,6 +55,8 @@ EQUIVALENT = {
     # "id": "why no input can tell the mutant from the original",
     "reward:RewardConfig:constant:32517c187b": "RewardConfig's default batch_size: every caller in minirlhf passes "
                                                "its own (pipeline.reward_config), so the default is never read",
+    "dpo:dpo_loss_forward:swap_args:7da960c064": "np.logaddexp is symmetric, bit for bit: it computes "
+                                                 "max(a, b) + log1p(exp(-|a - b|))",
 }
 COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
            ast.NotEq: ast.Eq, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In}

@@ -64,3 +64,17 @@ def test_the_defaults_that_are_conventions():
     p = PPOConfig()
     assert (p.clip_eps, p.vf_clip_eps, p.gamma, p.lam, p.vf_coef, p.max_grad_norm) == (0.2, 0.2, 1.0, 0.95, 0.1, 1.0)
     assert reward.NO_EOS_SCORE == -1.0
+    # DPO: beta 0.1 (TRL's DPOConfig default, and dpo_loss_forward's), the global-norm clip at 1.0 like every
+    # trainer here (Hugging Face Trainer's max_grad_norm)
+    import inspect
+    from minirlhf import dpo
+    d = dpo.DPOConfig()
+    assert (d.beta, d.max_grad_norm) == (0.1, 1.0)
+    assert inspect.signature(dpo.dpo_loss_forward).parameters["beta"].default == 0.1
+    # the losses' own defaults are PPOConfig's: clip 0.2 for the policy and the value, the value coefficient 0.1
+    from minirlhf import ppo_objective as po
+
+    def defaults(fn):
+        return {k: v.default for k, v in inspect.signature(fn).parameters.items() if v.default is not v.empty}
+    assert defaults(po.policy_loss_forward) == {"clip_eps": 0.2}
+    assert defaults(po.value_loss_forward) == {"clip_eps": 0.2, "vf_coef": 0.1}

@@ -237,11 +237,12 @@ def test_minibatches_walk_a_fresh_permutation_each_epoch(monkeypatch):
         return real(policy, reference, batch, beta, loss)
     monkeypatch.setattr(dpo, "dpo_loss_and_grads", spy)
     policy, reference = wide_models()
-    dpo.train_dpo(policy, reference, PAIRS5, dpo.DPOConfig(steps=4, batch_size=2, warmup_steps=0, lr=0.0),
-                  np.random.default_rng(3), log=lambda s: None)
+    history = dpo.train_dpo(policy, reference, PAIRS5, dpo.DPOConfig(steps=4, batch_size=2, warmup_steps=0, lr=0.0),
+                            np.random.default_rng(3), log=lambda s: None)
     rng = np.random.default_rng(3)
     first, second = rng.permutation(5), rng.permutation(5)
     assert seen == [list(first[:2]), list(first[2:4]), list(second[:2]), list(second[2:4])]
+    assert [h["step"] for h in history] == [1, 2, 3, 4]  # every step recorded, numbered from 1
 
 
 PAIRS5 = PAIRS + [("hey", "hello.", "ugh."), ("1+1?", "2.", "3.")]
