@@ -616,3 +616,36 @@ def test_gao_fits_recover_their_forms_and_peaks():
     assert frontier.gao_fit(bon[:2], 0.0, "bon") is None  # two points: no fit
     rising = [{"kl": float(x * x), "gold": float(x)} for x in d]  # beta 0: no peak
     assert frontier.gao_fit(rising, 0.0, "rl")["peak_d"] is None
+
+
+def test_the_presets_are_the_papers_settings():
+    """Each preset differs from GRPO's (DeepSeekMath: clip 0.2, k3 in the loss at beta 0.04, Bessel's std
+    + 1e-4) in exactly what its paper changes (CONVENTIONS.md, critic-free methods); a port's presets are
+    compared against these."""
+    import dataclasses
+    base = dataclasses.asdict(grpo.CriticFreeConfig())
+    assert base == {"algo": "grpo", "group_size": 8, "prompts_per_update": 8, "updates": 30, "epochs": 1,
+                    "minibatches": 4, "lr": 2e-4, "max_grad_norm": 1.0, "advantage": "grpo", "std_ddof": 1,
+                    "std_eps": 1e-4, "loss": "token", "aggregator": "seq_mean_token_mean", "eps_low": 0.2,
+                    "eps_high": 0.2, "kl_placement": "loss", "kl_loss": "k3", "kl_coef": 0.04,
+                    "dynamic_sampling": False, "max_sampling_rounds": 3, "overlong": "none", "overlong_cache": 6}
+    changed = {name: {k: v for k, v in dataclasses.asdict(cfg).items() if base[k] != v}
+               for name, cfg in grpo.ALGOS.items()}
+    none = {"kl_placement": "none", "kl_coef": 0.0}
+    assert changed == {
+        "grpo": {},
+        "dr_grpo": {"algo": "dr_grpo", "advantage": "dr_grpo", "aggregator": "constant", **none},
+        "dapo": {"algo": "dapo", "aggregator": "token_mean", "eps_high": 0.28, **none, "dynamic_sampling": True,
+                 "overlong": "penalty"},
+        "rloo": {"algo": "rloo", "minibatches": 1, "advantage": "rloo", "loss": "reinforce", "aggregator": "seq_sum",
+                 "kl_placement": "reward", "kl_coef": 0.05},
+        "reinforce_pp": {"algo": "reinforce_pp", "advantage": "reinforce_pp", "aggregator": "token_mean",
+                         "kl_placement": "reward", "kl_coef": 0.05},
+        "gspo": {"algo": "gspo", "loss": "sequence", "eps_low": 3e-4, "eps_high": 4e-4, **none}}
+
+
+def test_rloo_takes_the_smallest_group_that_leaves_one_out():
+    """A group of 2 is RLOO's smallest (each completion's baseline is the other's reward); 1 is refused."""
+    assert replace(grpo.ALGOS["rloo"], group_size=2).group_size == 2
+    with pytest.raises(ValueError, match="group_size must be >= 2 for rloo"):
+        replace(grpo.ALGOS["rloo"], group_size=1)
