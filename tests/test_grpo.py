@@ -649,3 +649,15 @@ def test_rloo_takes_the_smallest_group_that_leaves_one_out():
     assert replace(grpo.ALGOS["rloo"], group_size=2).group_size == 2
     with pytest.raises(ValueError, match="group_size must be >= 2 for rloo"):
         replace(grpo.ALGOS["rloo"], group_size=1)
+
+
+def test_collect_counts_its_rounds_and_keeps_every_sampled_row():
+    """Without dynamic sampling one round of prompts_per_update x group_size rows; with it and every group
+    flat, max_sampling_rounds rounds, all of their rows in the second value, nothing to train on."""
+    policy, flat = tiny_policy(), (lambda texts, samples: np.zeros(len(samples)))
+    cfg = replace(grpo.ALGOS["dapo"], group_size=4, prompts_per_update=2, overlong="none")
+    train, every, rounds = grpo.collect(policy, flat, PROMPTS, cfg, np.random.default_rng(0))
+    assert train is None and rounds == cfg.max_sampling_rounds == 3 and len(every["texts"]) == 3 * 8
+    train, every, rounds = grpo.collect(policy, flat, PROMPTS, replace(cfg, dynamic_sampling=False),
+                                        np.random.default_rng(0))
+    assert rounds == 1 and train is every and len(every["texts"]) == 8
