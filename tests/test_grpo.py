@@ -661,3 +661,24 @@ def test_collect_counts_its_rounds_and_keeps_every_sampled_row():
     train, every, rounds = grpo.collect(policy, flat, PROMPTS, replace(cfg, dynamic_sampling=False),
                                         np.random.default_rng(0))
     assert rounds == 1 and train is every and len(every["texts"]) == 8
+
+
+def test_rollout_stats_are_their_definitions():
+    """reward_std is the mean over groups of each group's Bessel std (TRL's reward_std), frac_reward_zero_std
+    the share of flat groups; lengths over every sampled row, terminated lengths over the ended ones."""
+    r = np.array([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 3.0, 1.0])
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    mask = np.zeros((10, 4), np.int64)
+    lengths = np.array([1, 2, 3, 4, 1, 1, 2, 2, 4, 3])
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    ended = lengths < 4
+    every = {"rewards": r, "groups": groups, "mask": mask, "ended": ended, "texts": ["hey!"] * 10,
+             "samples": [("hi.", bool(e)) for e in ended]}
+    stats = grpo.rollout_stats(every, None, None, None, 1.0, "verifier")
+    stds = [np.std(r[groups == g], ddof=1) for g in range(3)]
+    assert stats["reward_std"] == pytest.approx(np.mean(stds), rel=1e-12)
+    assert stats["frac_reward_zero_std"] == pytest.approx(1 / 3) and stats["reward"] == pytest.approx(r.mean())
+    assert stats["completions/mean_length"] == lengths.mean()
+    assert stats["completions/clipped_ratio"] == pytest.approx(0.2)
+    assert stats["completions/mean_terminated_length"] == lengths[ended].mean()
