@@ -520,6 +520,9 @@ def test_reward_sources_and_their_checks():
 def test_dynamic_sampling_keeps_only_groups_with_spread_and_skips_when_none():
     _, _, history = train("dapo", source=lambda t, s: np.zeros(len(s)), overlong="none")  # all groups flat
     assert all(h["skipped"] and h["dynamic/rounds"] == 3 and h["frac_reward_zero_std"] == 1 for h in history)
+    learnt = ("loss", "kl", "policy/approxkl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+              "grad_norm", "first_minibatch/ratio_max_dev")
+    assert all(h[k] == 0.0 for h in history for k in learnt)  # a skipped update learnt nothing and logs 0
     policy, reference, history = train("dapo", source=length_source, max_sampling_rounds=5)
     assert not history[0]["skipped"] and 1 <= history[0]["dynamic/rounds"] <= 5
 
