@@ -529,3 +529,12 @@ def test_lora_rank_bad_flags_give_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         lora_rank.main(argv)
     assert e.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+def test_a_lora_config_cannot_change_after_it_is_made():
+    """LoRAConfig is frozen, like every config: an adapter's rank, alpha and targets are fixed with it, and
+    its file's config is the one it was trained with."""
+    import dataclasses
+    cfg = lora.LoRAConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.rank = 4
