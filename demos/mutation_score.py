@@ -1,7 +1,7 @@
 """Mutation score: how many small mistakes in minirlhf's code its tests catch.
 
     python demos/mutation_score.py [--modules kl reward ...] [--sample 40] [--seed 0] [--json out.json]
-                                   [--list] [--show-killed]
+                                   [--list] [--show-killed] [--ids ID ...]
 
 A mutant is the module with one small mistake of the kind people make when they write or port this code:
 a comparison flipped (< for <=, == for !=), an operator swapped (+ for -, * for /), a term dropped
@@ -279,8 +279,11 @@ def score_module(module, args, workdir, rng):
     tree = ast.parse(original)
     files = tests_for(module, args.with_slow_tests)
     every = mutants(module)
-    chosen = every if args.sample == 0 else sorted(rng.sample(every, min(args.sample, len(every))),
-                                                    key=lambda m: m["line"])
+    if args.ids:
+        chosen = [m for m in every if m["id"] in args.ids]
+    else:
+        chosen = every if args.sample == 0 else sorted(rng.sample(every, min(args.sample, len(every))),
+                                                        key=lambda m: m["line"])
     try:
         open(target, "w").write(ast.unparse(tree))  # the baseline runs the unparsed source, as every mutant does
         outcome, base_s, failed = run_tests(workdir, files, timeout=3600)
@@ -323,10 +326,22 @@ def main(argv=None):
     ap.add_argument("--show-killed", action="store_true", help="print every mutant, not only the survivors")
     ap.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
     ap.add_argument("--json", help="write every mutant's outcome to this JSON file")
+    ap.add_argument("--ids", nargs="+", help="run exactly these mutants (ids as the survivors' list prints them), "
+                    "each outcome printed: how a new test is checked against the mutant it was written for")
     args = ap.parse_args(argv)
     if args.sample < 0:
         ap.error("--sample must be >= 0")
     modules = args.modules or MATH
+    if args.ids:
+        modules = sorted({i.split(":")[0] for i in args.ids})
+        unknown = [m for m in modules if m not in MATH + OTHERS]
+        if unknown:
+            ap.error(f"--ids: no module {unknown[0]!r} (the modules: {', '.join(MATH + OTHERS)})")
+        known = {m["id"] for module in modules for m in mutants(module)}
+        missing = [i for i in args.ids if i not in known]
+        if missing:
+            ap.error(f"--ids: no mutant {missing[0]!r} in the current source (ids change when the line changes)")
+        args.show_killed = True
     if args.list:
         for module in modules:
             every = mutants(module)
